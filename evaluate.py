@@ -1,0 +1,85 @@
+"""Evaluate a trained checkpoint: `python evaluate.py ckpt_path=outputs/runs/.../checkpoints/last.ckpt`.
+
+The model is rebuilt from the config, anchors and class mapping stored in the checkpoint, so no
+training override needs retyping. Writes `detections.json` (COCO results: original image frame and
+category ids) or `proposals.json` for an RPN, and `metrics.json`; prints pycocotools' 12-line summary
+and a per-class AP table.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from anchordet.data.categories import CategoryMap
+from anchordet.evaluation import format_per_class_table, write_results
+from anchordet.module import DetectionModule, read_checkpoint
+from train import build_detector
+
+log = logging.getLogger("anchordet.evaluate")
+
+
+def rebuild_module(checkpoint: dict, data_overrides: DictConfig | dict | None = None):
+    """(module with trained weights, datamodule) from a checkpoint written by train.py."""
+    saved = checkpoint["anchordet"]
+    run_cfg = OmegaConf.create(saved["run_config"])
+    datamodule = instantiate(OmegaConf.merge(run_cfg.data, data_overrides or {}))
+    trained_map = CategoryMap.from_dict(saved["category_map"])
+    if datamodule.category_map != trained_map:
+        raise ValueError(
+            f"the dataset's classes ({datamodule.category_map.names}) disagree with the checkpoint's "
+            f"({trained_map.names}): evaluate on data with the categories the model was trained on "
+            "(check data.* overrides)")
+    anchor_shapes = [torch.tensor(s, dtype=torch.float32).reshape(-1, 2) for s in saved["anchor_shapes_per_level"]]
+    detector = build_detector(run_cfg, anchor_shapes, trained_map.num_classes, backbone_weights_override=True)
+    module = DetectionModule(detector, trained_map, str(datamodule.val_annotation_file),
+                             task=saved["task"], run_config=saved["run_config"])
+    module.load_state_dict(checkpoint["state_dict"])
+    return module, datamodule
+
+
+def run_evaluation(cfg: DictConfig) -> dict:
+    checkpoint = read_checkpoint(cfg.ckpt_path)
+    module, datamodule = rebuild_module(checkpoint, cfg.get("data"))
+    if cfg.split != "val":
+        raise ValueError(f"split={cfg.split!r}: only 'val' is supported (point data.val_images / "
+                         "data.val_annotations at another split to evaluate it)")
+    output_dir = Path(cfg.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    trainer = L.Trainer(accelerator=cfg.accelerator, devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    datamodule.setup("validate")
+    trainer.validate(module, dataloaders=datamodule.val_dataloader(), verbose=False)
+
+    evaluation = module.last_evaluation
+    results_name = "detections.json" if module.task == "detection" else "proposals.json"
+    write_results(module.last_results, output_dir / results_name)
+    metrics = {"checkpoint": str(Path(cfg.ckpt_path).resolve()), "split": cfg.split,
+               "annotation_file": str(module.val_annotation_file),
+               "num_images": len(module.last_image_ids), **evaluation.metrics}
+    if module.task == "detection":
+        metrics["per_class_AP"] = evaluation.per_class_ap
+    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+
+    print(evaluation.summary)
+    if module.task == "detection":
+        print(format_per_class_table(evaluation.per_class_ap))
+    print(f"wrote {output_dir / results_name} and {output_dir / 'metrics.json'}")
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    run_evaluation(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""Hand-designed grid anchors: sizes x aspect ratios per pyramid level (Faster R-CNN, FPN, RetinaNet).
+
+Shapes are ``(w, h)`` in network-input pixels, one ``Tensor[A, 2]`` per level.  Convention of
+torchvision's ``AnchorGenerator``: aspect ratio ``r = h / w`` and area ``size ** 2``, so
+``w = size / sqrt(r)`` and ``h = size * sqrt(r)``; ordered ratio-major, size-minor.  Unlike
+torchvision the shapes are not rounded to whole pixels: rounding changes the aspect ratio of small
+anchors (a 16 px anchor at r = 2 becomes 12 x 22, r = 1.83, instead of 11.3 x 22.6) for no gain.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from anchordet.anchors.kmeans import fitness_report
+
+
+def _as_size_lists(sizes_per_level: Sequence) -> list[list[float]]:
+    # Accept [[32, 40], [64, 80]] and the shorthand [32, 64] (one size per level); Hydra passes
+    # ListConfig, which is a Sequence but not a list.
+    levels = []
+    for level in sizes_per_level:
+        if isinstance(level, (int, float)):
+            levels.append([float(level)])
+        else:
+            levels.append([float(size) for size in level])
+    return levels
+
+
+def grid_anchor_shapes(sizes_per_level: Sequence, aspect_ratios: Sequence[float]) -> list[Tensor]:
+    """Shapes ``list[Tensor[len(ratios) * len(sizes), 2]]`` (w, h) per level, ratio-major."""
+    levels = _as_size_lists(sizes_per_level)
+    ratios = [float(r) for r in aspect_ratios]
+    if not ratios or any(r <= 0 for r in ratios):
+        raise ValueError(f"anchor.aspect_ratios must be positive numbers (h / w), got {list(aspect_ratios)}")
+    shapes_per_level = []
+    for level, sizes in enumerate(levels):
+        if any(s <= 0 for s in sizes):
+            raise ValueError(f"anchor.sizes_per_level[{level}] must hold positive sizes, got {sizes}")
+        shapes = [(s / math.sqrt(r), s * math.sqrt(r)) for r in ratios for s in sizes]
+        shapes_per_level.append(torch.tensor(shapes, dtype=torch.float32).reshape(-1, 2))
+    return shapes_per_level
+
+
+class GridAnchors:
+    """Anchor config target: fixed sizes per level times aspect ratios.
+
+    ``build`` ignores the data except for the fitness report (``last_report``), so the same anchors
+    come out for any dataset; pass ``box_wh=None`` to skip the report.
+    """
+
+    def __init__(self, sizes_per_level: Sequence, aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0)) -> None:
+        self.sizes_per_level = _as_size_lists(sizes_per_level)
+        self.aspect_ratios = tuple(float(r) for r in aspect_ratios)
+        self.last_report: dict = {}
+
+    def build(self, box_wh: Tensor | None, num_levels: int, fingerprint: str = "") -> list[Tensor]:
+        """Anchor shapes per level ``list[Tensor[A, 2]]`` (w, h); ``fingerprint`` is unused (no cache)."""
+        if len(self.sizes_per_level) != num_levels:
+            raise ValueError(
+                f"anchor.sizes_per_level has {len(self.sizes_per_level)} levels but the backbone has "
+                f"{num_levels} pyramid levels; give one list of sizes per level"
+            )
+        shapes_per_level = grid_anchor_shapes(self.sizes_per_level, self.aspect_ratios)
+        self.last_report = {"grid": fitness_report(box_wh, shapes_per_level)} if box_wh is not None else {}
+        return shapes_per_level
+
+    def fitness_report(self, box_wh: Tensor, shapes_per_level: list[Tensor]) -> dict:
+        return fitness_report(box_wh, shapes_per_level)

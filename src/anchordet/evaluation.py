@@ -1,0 +1,172 @@
+"""COCO evaluation against the annotation file: detection mAP and class-agnostic proposal recall.
+
+Why COCOeval itself rather than a re-implementation: the product promises numbers equal to
+pycocotools "to the digit". The cheapest way to keep that promise is to hand pycocotools the
+annotation file and the results list and read its own accumulators, so crowd regions, area ranges and
+the 101-point interpolation are the official ones by construction.
+
+Boxes arriving here are xyxy in the *original* image frame (the caller maps them back from the
+letterboxed network input first); results JSON uses COCO `[x, y, w, h]` and the original category ids.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+#: names of COCOeval.stats[0..11] for bbox detection, in pycocotools' order.
+DETECTION_STAT_NAMES = (
+    "mAP", "mAP_50", "mAP_75", "mAP_small", "mAP_medium", "mAP_large",
+    "AR_1", "AR_10", "AR_100", "AR_small", "AR_medium", "AR_large",
+)
+
+
+@dataclass
+class CocoEvaluation:
+    """What one COCOeval run produced: named stats, pycocotools' printed summary, per-class AP."""
+
+    metrics: dict[str, float]
+    summary: str
+    per_class_ap: dict[str, float] = field(default_factory=dict)
+    precision: np.ndarray | None = None  # COCOeval.eval["precision"]: [T, R, K, A, M]
+
+
+def load_coco(annotation_file: str | Path) -> COCO:
+    """Read an instances JSON quietly (pycocotools prints progress lines)."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        return COCO(str(annotation_file))
+
+
+def to_coco_results(
+    boxes_xyxy: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, image_id: int,
+    category_ids: list[int],
+) -> list[dict]:
+    """One image's detections as COCO results rows.
+
+    boxes_xyxy: [D, 4] in the original image frame. `category_ids[label]` gives the COCO id. For
+    class-agnostic proposals pass labels 0 and `category_ids=[any id of the annotation file]`:
+    COCOeval with useCats=0 still drops detections whose category is not among the file's ids.
+    """
+    boxes = boxes_xyxy.detach().float().cpu()
+    # xyxy -> xywh, the results format of the COCO API.
+    wh = boxes[:, 2:] - boxes[:, :2]
+    xywh = torch.cat([boxes[:, :2], wh], dim=1).tolist()
+    scores_list = scores.detach().float().cpu().tolist()
+    labels_list = labels.detach().cpu().tolist()
+    return [
+        {
+            "image_id": int(image_id),
+            "category_id": int(category_ids[label]),
+            "bbox": [round(v, 3) for v in box],
+            "score": round(float(score), 5),
+        }
+        for box, score, label in zip(xywh, scores_list, labels_list)
+    ]
+
+
+def write_results(results: list[dict], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results))
+    return path
+
+
+def _run_cocoeval(coco_gt: COCO, results: list[dict], image_ids, use_cats: bool, max_dets) -> COCOeval:
+    # loadRes refuses an empty list; an empty detector output is still a valid (all-zero) result.
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_dt = coco_gt.loadRes(copy.deepcopy(results)) if results else COCO()
+        if not results:
+            coco_dt.dataset = {"images": coco_gt.dataset["images"], "annotations": [],
+                               "categories": coco_gt.dataset["categories"]}
+            coco_dt.createIndex()
+        evaluator = COCOeval(coco_gt, coco_dt, iouType="bbox")
+        if image_ids is not None:
+            evaluator.params.imgIds = sorted(int(i) for i in image_ids)
+        evaluator.params.useCats = int(use_cats)
+        evaluator.params.maxDets = list(max_dets)
+        evaluator.evaluate()
+        evaluator.accumulate()
+    return evaluator
+
+
+def _summary_text(evaluator: COCOeval) -> str:
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        evaluator.summarize()
+    return buffer.getvalue().rstrip("\n")
+
+
+def per_class_average_precision(evaluator: COCOeval, coco_gt: COCO) -> dict[str, float]:
+    """AP@[.5:.95] per category (area all, the largest maxDets), as COCOeval computes mAP.
+
+    precision is [T IoU thresholds, R recall points, K categories, A area ranges, M maxDets]; -1 marks
+    "no ground truth", which COCOeval leaves out of its mean, so we do too (NaN for such a class).
+    """
+    precision = evaluator.eval["precision"][:, :, :, 0, -1]
+    names = {c["id"]: c["name"] for c in coco_gt.dataset["categories"]}
+    per_class = {}
+    for k, cat_id in enumerate(evaluator.params.catIds):
+        valid = precision[:, :, k][precision[:, :, k] > -1]
+        per_class[names.get(cat_id, str(cat_id))] = float(valid.mean()) if valid.size else float("nan")
+    return per_class
+
+
+def evaluate_detections(
+    annotation_file: str | Path | COCO, results: list[dict], image_ids=None,
+) -> CocoEvaluation:
+    """COCO bbox mAP of `results` (COCO results rows) against the annotation file."""
+    coco_gt = annotation_file if isinstance(annotation_file, COCO) else load_coco(annotation_file)
+    evaluator = _run_cocoeval(coco_gt, results, image_ids, use_cats=True, max_dets=(1, 10, 100))
+    summary = _summary_text(evaluator)
+    metrics = {name: float(v) for name, v in zip(DETECTION_STAT_NAMES, evaluator.stats)}
+    return CocoEvaluation(metrics, summary, per_class_average_precision(evaluator, coco_gt),
+                          evaluator.eval["precision"])
+
+
+def evaluate_proposals(
+    annotation_file: str | Path | COCO, results: list[dict], image_ids=None,
+    max_proposals=(100, 300, 1000),
+) -> CocoEvaluation:
+    """Class-agnostic average recall of proposals, the way Detectron2 and the RPN papers report it.
+
+    COCOeval with useCats=0 and maxDets = the proposal budgets; AR@n is the recall averaged over IoU
+    0.5:0.95 at n proposals, and the size split is taken at the largest budget.
+    """
+    coco_gt = annotation_file if isinstance(annotation_file, COCO) else load_coco(annotation_file)
+    # With useCats=0 COCOeval pools the boxes of all the file's categories but still only looks up
+    # detections under those category ids, so give every proposal one of them.
+    any_category = coco_gt.getCatIds()[0]
+    results = [{**row, "category_id": any_category} for row in results]
+    evaluator = _run_cocoeval(coco_gt, results, image_ids, use_cats=False, max_dets=max_proposals)
+    # recall: [T, K, A, M]; with useCats=0 there is one pseudo-category. Area index 0 = all.
+    recall = evaluator.eval["recall"]
+
+    def mean_valid(values: np.ndarray) -> float:
+        valid = values[values > -1]
+        return float(valid.mean()) if valid.size else 0.0
+
+    metrics = {f"AR@{n}": mean_valid(recall[:, :, 0, m]) for m, n in enumerate(max_proposals)}
+    largest = len(max_proposals) - 1
+    for area_index, area in ((1, "small"), (2, "medium"), (3, "large")):
+        metrics[f"AR_{area}@{max_proposals[-1]}"] = mean_valid(recall[:, :, area_index, largest])
+    summary = "\n".join(f"{name:>16s} = {value:.4f}" for name, value in metrics.items())
+    return CocoEvaluation(metrics, summary)
+
+
+def format_per_class_table(per_class_ap: dict[str, float]) -> str:
+    """A two-column text table (class, AP) sorted as the categories are, for logs and TensorBoard."""
+    width = max([len(name) for name in per_class_ap] + [5])
+    lines = [f"| {'class':<{width}} | AP     |", f"|{'-' * (width + 2)}|--------|"]
+    for name, ap in per_class_ap.items():
+        value = "  n/a " if np.isnan(ap) else f"{ap:.4f}"
+        lines.append(f"| {name:<{width}} | {value} |")
+    return "\n".join(lines)

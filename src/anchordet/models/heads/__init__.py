@@ -1,0 +1,5 @@
+"""Detection heads: raw outputs per level, their loss against matched targets, and postprocessing."""
+
+from anchordet.models.heads.yolo import YoloHead
+
+__all__ = ["YoloHead"]

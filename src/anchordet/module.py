@@ -1,0 +1,198 @@
+"""The LightningModule: optimisation, device-side normalisation, logging and COCO validation.
+
+The detector (backbone + anchors + head) knows nothing about training loops; this module knows
+nothing about boxes beyond mapping them back to the original image frame for evaluation.
+
+Shape glossary: B images per batch, S network input side, D detections of one image.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch import nn
+
+from anchordet.data.categories import CategoryMap
+from anchordet.data.transforms import to_original_frame
+from anchordet.evaluation import (
+    evaluate_detections,
+    evaluate_proposals,
+    format_per_class_table,
+    to_coco_results,
+)
+from anchordet.distributed import gather_results
+
+log = logging.getLogger("anchordet")
+
+# ImageNet statistics: what torchvision's ResNet weights expect, and harmless from scratch.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class DetectionModule(L.LightningModule):
+    """Trains a `Detector`; validates with COCOeval on the val annotation file.
+
+    `task` is "detection" (mAP, needs class labels) or "proposals" (class-agnostic AR, for the RPN).
+    `run_config` is the composed config as a plain dict; it is saved in checkpoints so
+    `evaluate.py` can rebuild the model without the user retyping overrides.
+    """
+
+    def __init__(
+        self,
+        detector: nn.Module,
+        category_map: CategoryMap,
+        val_annotation_file: str | None = None,
+        task: str = "detection",
+        optimizer: str = "sgd",
+        lr: float = 0.01,
+        momentum: float = 0.9,
+        betas: tuple[float, float] = (0.9, 0.999),
+        weight_decay: float = 5e-4,
+        warmup_steps: int = 200,
+        warmup_start_factor: float = 0.001,
+        min_lr_factor: float = 0.05,
+        channels_last: bool = True,
+        run_config: dict | None = None,
+    ) -> None:
+        super().__init__()
+        if task not in ("detection", "proposals"):
+            raise ValueError(f"task must be 'detection' or 'proposals', got {task!r}")
+        if optimizer not in ("sgd", "adamw"):
+            raise ValueError(f"optim.optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
+        self.detector = detector
+        self.category_map = category_map
+        self.val_annotation_file = val_annotation_file
+        self.task = task
+        self.optimizer_name = optimizer
+        self.lr, self.momentum, self.betas = lr, momentum, tuple(betas)
+        self.weight_decay = weight_decay
+        self.warmup_steps, self.warmup_start_factor = warmup_steps, warmup_start_factor
+        self.min_lr_factor = min_lr_factor
+        self.use_channels_last = channels_last
+        self.run_config = run_config or {}
+        self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255, persistent=False)
+        self._val_results: list[dict] = []
+        self._val_image_ids: list[int] = []
+        if channels_last:
+            self.detector.to(memory_format=torch.channels_last)
+
+    # ---------------------------------------------------------------- data on the device
+    def on_after_batch_transfer(self, batch, dataloader_idx: int = 0):
+        """uint8 -> normalised float on the device: workers ship 4x fewer bytes, the GPU does the maths."""
+        images, targets = batch
+        images = (images.float() - self.pixel_mean) / self.pixel_std
+        if self.use_channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images, targets
+
+    # ---------------------------------------------------------------- steps
+    def training_step(self, batch, batch_idx: int):
+        images, targets = batch
+        losses = self.detector.loss(images, targets)
+        self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()},
+                      prog_bar=False, on_step=True, on_epoch=True, batch_size=images.shape[0])
+        self.log("train/loss_total", losses["loss"].detach(), prog_bar=True, batch_size=images.shape[0])
+        return losses["loss"]
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_results, self._val_image_ids = [], []
+
+    def validation_step(self, batch, batch_idx: int):
+        images, targets = batch
+        predictions = self.detector.predict(images)
+        # Proposals are class-agnostic (label 0); they are written under the first category id
+        # because COCOeval only looks detections up under the annotation file's ids.
+        category_ids = self.category_map.category_ids if self.task == "detection" else self.category_map.category_ids[:1]
+        for prediction, target in zip(predictions, targets):
+            boxes = to_original_frame(prediction["boxes"], target)
+            self._val_results.extend(to_coco_results(
+                boxes, prediction["scores"], prediction["labels"], target["image_id"], category_ids))
+            self._val_image_ids.append(int(target["image_id"]))
+        return predictions
+
+    def on_validation_epoch_end(self) -> None:
+        if self.val_annotation_file is None or self.trainer.sanity_checking:
+            return
+        results, image_ids = gather_results(self._val_results, self._val_image_ids)
+        self.last_results, self.last_image_ids = results, image_ids
+        metrics = self.compute_metrics(results, image_ids)
+        # Every rank computed the same numbers from the same gathered list: no sync needed.
+        self.log_dict({f"val/{k}": v for k, v in metrics.items()}, prog_bar=False, sync_dist=False)
+        headline = "val/mAP" if self.task == "detection" else "val/AR@1000"
+        self.log("val_headline", metrics[headline.split("/")[1]], prog_bar=True, logger=False)
+
+    def compute_metrics(self, results: list[dict], image_ids: list[int]) -> dict[str, float]:
+        if self.task == "proposals":
+            evaluation = evaluate_proposals(self.val_annotation_file, results, image_ids)
+        else:
+            evaluation = evaluate_detections(self.val_annotation_file, results, image_ids)
+            self.last_per_class_table = format_per_class_table(evaluation.per_class_ap)
+        self.last_evaluation = evaluation
+        return evaluation.metrics
+
+    # ---------------------------------------------------------------- optimisation
+    def parameter_groups(self) -> list[dict]:
+        """Weight decay on conv/linear weights only: decaying norm scales and biases pulls them to 0
+        and hurts detectors (the bag-of-tricks result, He et al. 2019), so they get none."""
+        decay, no_decay = [], []
+        for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            (no_decay if param.ndim <= 1 or name.endswith(".bias") else decay).append(param)
+        return [{"params": decay, "weight_decay": self.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0}]
+
+    def configure_optimizers(self):
+        groups = self.parameter_groups()
+        if self.optimizer_name == "sgd":
+            optimizer = torch.optim.SGD(groups, lr=self.lr, momentum=self.momentum, nesterov=True)
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas)
+        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = min(self.warmup_steps, max(1, total_steps // 3))
+        start, floor = self.warmup_start_factor, self.min_lr_factor
+
+        def lr_factor(step: int) -> float:
+            # Linear warm-up (Goyal et al. 2017) keeps the first large-gradient steps of a randomly
+            # initialised head from wrecking the backbone; then cosine decay to `floor` (SGDR shape).
+            if step < warmup:
+                return start + (1.0 - start) * step / warmup
+            progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+            return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """What `evaluate.py` needs to rebuild the model: the config, class mapping and anchors
+        (the anchors are also buffers in the state dict; this copy lets the builder size the head)."""
+        checkpoint["anchordet"] = {
+            "run_config": self.run_config,
+            "category_map": self.category_map.to_dict(),
+            "anchor_shapes_per_level": [s.cpu().tolist() for s in self.detector.anchor_shapes_per_level],
+            "task": self.task,
+        }
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """Load a checkpoint file written by this module, with an error that says what is wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"ckpt_path={str(path)!r}: no such checkpoint file. Pass the path of a .ckpt written by "
+            "train.py, e.g. outputs/runs/<date>/<time>/checkpoints/last.ckpt")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # torch raises several types for corrupt files
+        raise ValueError(f"ckpt_path={str(path)!r} could not be read as a PyTorch checkpoint: {error}") from error
+    if not isinstance(checkpoint, dict) or "anchordet" not in checkpoint or "state_dict" not in checkpoint:
+        raise ValueError(
+            f"ckpt_path={str(path)!r} is not an anchordet checkpoint (no 'anchordet' section): it was "
+            "not written by train.py of this project")
+    return checkpoint
