@@ -30,7 +30,11 @@ def rebuild_module(checkpoint: dict, data_overrides: DictConfig | dict | None = 
     """(module with trained weights, datamodule) from a checkpoint written by train.py."""
     saved = checkpoint["anchordet"]
     run_cfg = OmegaConf.create(saved["run_config"])
-    datamodule = instantiate(OmegaConf.merge(run_cfg.data, data_overrides or {}))
+    data_overrides = OmegaConf.create(data_overrides or {})
+    # An override with its own _target_ is a whole new data config (another dataset class); otherwise
+    # it adjusts the training run's data config (e.g. +data.batch_size=2).
+    data_cfg = data_overrides if "_target_" in data_overrides else OmegaConf.merge(run_cfg.data, data_overrides)
+    datamodule = instantiate(data_cfg)
     trained_map = CategoryMap.from_dict(saved["category_map"])
     if datamodule.category_map != trained_map:
         raise ValueError(

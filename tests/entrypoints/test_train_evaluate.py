@@ -1,0 +1,99 @@
+"""`train.py` and `evaluate.py` end to end on tiny synthetic data, as a user runs them (subprocesses),
+and `evaluate.py`'s numbers checked against pycocotools run directly on its detections.json."""
+
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run(script: str, *overrides: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run([sys.executable, str(REPO / script), *overrides], cwd=cwd, env=env,
+                            capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """One tiny training run shared by the tests below (ResNet-18, 64 px, 1 epoch)."""
+    workdir = tmp_path_factory.mktemp("train")
+    run_dir = workdir / "run"
+    run("train.py", "experiment=tiny", f"hydra.run.dir={run_dir}", cwd=workdir)
+    return workdir, run_dir
+
+
+def test_train_writes_checkpoints_tensorboard_and_caches(trained_run):
+    workdir, run_dir = trained_run
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert any((run_dir / "checkpoints").glob("epoch*-best.ckpt"))
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert (workdir / "outputs" / "data" / "synthetic").is_dir()
+    assert list((workdir / "outputs" / "cache" / "anchors").glob("*.json"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard")).Reload()
+    scalars = set(events.Tags()["scalars"])
+    for tag in ("train/loss_obj_step", "train/loss_cls_step", "train/loss_box_step", "val/mAP",
+                "val/mAP_50", "val/mAP_75", "val/mAP_small", "val/mAP_medium", "val/mAP_large",
+                "anchors/kmeans/mean_best_iou"):
+        assert tag in scalars, f"{tag} missing from {sorted(scalars)}"
+    assert any(tag.startswith("lr-") for tag in scalars)
+
+
+def test_evaluate_matches_pycocotools_on_written_detections(trained_run, tmp_path):
+    workdir, run_dir = trained_run
+    out_dir = tmp_path / "eval"
+    result = run("evaluate.py", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
+                 f"hydra.run.dir={out_dir}", cwd=workdir)
+    assert "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]" in result.stdout
+    assert "| class" in result.stdout
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    detections = json.loads((out_dir / "detections.json").read_text())
+    annotation_file = metrics["annotation_file"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(annotation_file)
+        if detections:
+            evaluator = COCOeval(gt, gt.loadRes(detections), "bbox")
+            evaluator.evaluate(); evaluator.accumulate(); evaluator.summarize()
+    if detections:
+        names = ["mAP", "mAP_50", "mAP_75", "mAP_small", "mAP_medium", "mAP_large"]
+        for name, value in zip(names, evaluator.stats):
+            assert metrics[name] == pytest.approx(value, abs=1e-4), name
+        valid_ids = {c["id"] for c in gt.dataset["categories"]}
+        assert {d["category_id"] for d in detections} <= valid_ids
+        assert {d["image_id"] for d in detections} <= set(gt.getImgIds())
+    assert metrics["num_images"] == len(gt.getImgIds())
+
+
+def test_evaluate_bad_checkpoint_path_is_a_clear_error(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "evaluate.py"), "ckpt_path=/nonexistent/last.ckpt",
+                             f"hydra.run.dir={tmp_path}"], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "ckpt_path='/nonexistent/last.ckpt': no such checkpoint file" in result.stderr
+
+
+def test_evaluate_rejects_data_with_other_classes(trained_run, tmp_path):
+    workdir, run_dir = trained_run
+    other = tmp_path / "other.json"
+    data = {"images": [], "annotations": [], "categories": [{"id": 1, "name": "cat"}]}
+    other.write_text(json.dumps(data))
+    (tmp_path / "images").mkdir()
+    result = subprocess.run(
+        [sys.executable, str(REPO / "evaluate.py"), f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
+         "+data._target_=anchordet.data.CocoDataModule", f"+data.train_images={tmp_path / 'images'}",
+         f"+data.train_annotations={other}", f"+data.val_images={tmp_path / 'images'}",
+         f"+data.val_annotations={other}", f"hydra.run.dir={tmp_path / 'out'}"],
+        cwd=workdir, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "disagree with the checkpoint" in result.stderr
