@@ -15,11 +15,13 @@ import hydra
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from anchordet.assembly import assemble_detector
 from anchordet.data.categories import CategoryMap
-from anchordet.module import DetectionModule
+from anchordet.module import DetectionModule, read_checkpoint
+from anchordet.sweep import write_run_result
 
 log = logging.getLogger("anchordet.train")
 
@@ -79,14 +81,43 @@ def _flatten(report: dict, prefix: str = "") -> dict:
     return out
 
 
+def resolve_resume(cfg: DictConfig) -> Path | None:
+    """The checkpoint to resume from: `ckpt_path=...`, or `resume=true` = this run dir's last.ckpt.
+
+    A checkpoint inside `<run>/checkpoints/` makes `<run>` the output folder again, so checkpoints and
+    TensorBoard events continue in the run that is being resumed rather than in a new folder.
+    """
+    ckpt_path = cfg.get("ckpt_path")
+    if cfg.get("resume") and not ckpt_path:
+        ckpt_path = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+        if not ckpt_path.is_file():
+            raise FileNotFoundError(
+                f"resume=true but {ckpt_path} does not exist: run inside the folder of the run to resume "
+                "(hydra.run.dir=outputs/runs/<date>/<time>) or pass ckpt_path=.../last.ckpt")
+    if not ckpt_path:
+        return None
+    ckpt_path = Path(ckpt_path).resolve()
+    if ckpt_path.parent.name == "checkpoints":
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(ckpt_path.parent.parent)
+        log.info("resuming %s: writing to its run folder %s", ckpt_path, cfg.paths.output_dir)
+    return ckpt_path
+
+
 def run_training(cfg: DictConfig) -> float | None:
     L.seed_everything(cfg.seed, workers=True)
+    resume_from = resolve_resume(cfg)
     datamodule = instantiate(cfg.data)
     category_map: CategoryMap = datamodule.category_map
 
-    num_levels = len(cfg.backbone.levels)
-    anchor_shapes, anchor_report = fit_anchors(cfg, datamodule, num_levels)
-    log.info("anchor fitness: %s", json.dumps(anchor_report))
+    if resume_from is not None:
+        # The anchors the weights were trained with, not a new clustering of (maybe changed) data.
+        saved = read_checkpoint(resume_from)["anchordet"]
+        anchor_shapes = [torch.tensor(s, dtype=torch.float32).reshape(-1, 2) for s in saved["anchor_shapes_per_level"]]
+        anchor_report = None
+    else:
+        anchor_shapes, anchor_report = fit_anchors(cfg, datamodule, len(cfg.backbone.levels))
+        log.info("anchor fitness: %s", json.dumps(anchor_report))
     detector = build_detector(cfg, anchor_shapes, category_map.num_classes)
 
     task = "proposals" if "AR@" in str(cfg.monitor) else "detection"
@@ -98,16 +129,27 @@ def run_training(cfg: DictConfig) -> float | None:
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     trainer_cfg = OmegaConf.merge(cfg.trainer, {"precision": resolve_precision(cfg.trainer)})
     trainer: L.Trainer = instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False)
-    if trainer.is_global_zero:
+    if trainer.is_global_zero and anchor_report is not None:
         log_anchor_report(loggers, anchor_report, anchor_shapes)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+    return report_result(cfg, trainer)
 
+
+def report_result(cfg: DictConfig, trainer: L.Trainer) -> float | None:
+    """The best monitored value (returned to sweepers) and `result.json` for the sweep summary."""
     best = trainer.callback_metrics.get(cfg.monitor)
+    best_path = last_path = None
     checkpoint = trainer.checkpoint_callback
-    if checkpoint is not None and checkpoint.best_model_score is not None:
-        best = checkpoint.best_model_score
-        log.info("best %s = %.4f (%s)", cfg.monitor, float(best), checkpoint.best_model_path)
-    return float(best) if best is not None else None
+    if checkpoint is not None:
+        if checkpoint.best_model_score is not None:
+            best, best_path = checkpoint.best_model_score, checkpoint.best_model_path
+        last_path = str(Path(checkpoint.dirpath) / "last.ckpt") if checkpoint.dirpath else None
+    best = float(best) if best is not None else None
+    if trainer.is_global_zero:
+        overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
+        write_run_result(cfg.paths.output_dir, overrides, cfg.monitor, best, best_path, last_path)
+        log.info("best %s = %s (%s)", cfg.monitor, best, best_path)
+    return best
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

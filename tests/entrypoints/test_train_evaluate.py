@@ -85,10 +85,16 @@ def test_evaluate_bad_checkpoint_path_is_a_clear_error(tmp_path):
 
 def test_evaluate_rejects_data_with_other_classes(trained_run, tmp_path):
     workdir, run_dir = trained_run
+    from PIL import Image
+
     other = tmp_path / "other.json"
-    data = {"images": [], "annotations": [], "categories": [{"id": 1, "name": "cat"}]}
-    other.write_text(json.dumps(data))
     (tmp_path / "images").mkdir()
+    Image.new("RGB", (32, 24), (90, 90, 90)).save(tmp_path / "images" / "a.jpg")
+    data = {"images": [{"id": 1, "file_name": "a.jpg", "width": 32, "height": 24}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [2, 2, 10, 10],
+                             "area": 100, "iscrowd": 0}],
+            "categories": [{"id": 1, "name": "cat"}]}
+    other.write_text(json.dumps(data))
     result = subprocess.run(
         [sys.executable, str(REPO / "evaluate.py"), f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
          "+data._target_=anchordet.data.CocoDataModule", f"+data.train_images={tmp_path / 'images'}",

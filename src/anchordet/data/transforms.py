@@ -105,7 +105,7 @@ class DetectionTransform:
 
         if torch.rand(()) < self.hflip_prob:
             image, boxes = F.horizontal_flip(image), F.horizontal_flip(boxes)
-        scale *= float(torch.empty(()).uniform_(*self.scale_range))
+        scale *= float(torch.empty((), dtype=torch.float64).uniform_(*self.scale_range))
         new_h, new_w = resized_shape(height, width, scale)
         left, top = _random_offset(size - new_w), _random_offset(size - new_h)
         image, placed = place_on_canvas(image, boxes, scale, left, top, size)

@@ -38,6 +38,7 @@ ANCHOR_CACHE_SIZE = 8
 
 
 def _as_shapes(shapes, level: int) -> Tensor:
+    """Anchor shapes of one level as float32 [A, 2] (w, h); accepts tensors and nested lists."""
     shapes = torch.as_tensor(shapes, dtype=torch.float32).reshape(-1, 2) if len(shapes) else torch.zeros(0, 2)
     if shapes.numel() and not bool((shapes > 0).all()):
         raise ValueError(f"anchor shapes of level {level} must be positive (w, h) pairs, got {shapes.tolist()}")
@@ -85,6 +86,8 @@ class Detector(nn.Module):
         for level, level_shapes in enumerate(shapes):
             self.register_buffer(self._buffer_name(level), level_shapes.clone())
         self._anchor_cache: OrderedDict[tuple, AnchorGrid] = OrderedDict()
+        # Checkpoint loading replaces the anchor shapes, so grids placed from the old ones must go.
+        self.register_load_state_dict_post_hook(Detector._clear_anchor_cache_hook)
 
     # ------------------------------------------------------------------ level bookkeeping
     @staticmethod
@@ -132,19 +135,27 @@ class Detector(nn.Module):
         return [self._all_strides[level] for level in self.used_level_indices]
 
     # ------------------------------------------------------------------ anchors
+    @staticmethod
+    def _clear_anchor_cache_hook(module: Detector, incompatible_keys) -> None:
+        module.clear_anchor_cache()
+
+    def clear_anchor_cache(self) -> None:
+        """Forget the placed anchors; call it after editing the anchor-shape buffers in place."""
+        self._anchor_cache.clear()
+
     def anchor_grid(self, grid_sizes: list[tuple[int, int]], device: torch.device) -> AnchorGrid:
         """The placed anchors of the used levels for these grid sizes, cached.
 
-        The key holds the buffers' version counters (``load_state_dict`` and any in-place edit bump
-        them) and whether inference mode is on: tensors made under ``torch.inference_mode`` (Lightning's
-        validation) cannot be saved for backward, so training must not reuse them.
+        The key holds whether inference mode is on: tensors made under ``torch.inference_mode``
+        (Lightning's validation) cannot be saved for backward, so training must not reuse them.
+        It does not look at the anchor values (that would need a device sync every step, and DDP's
+        buffer broadcast rewrites them every step anyway); ``load_state_dict`` clears the cache.
         """
         shapes = [self.anchor_shapes_per_level[level] for level in self.used_level_indices]
         key = (
             tuple(grid_sizes),
             str(device),
             tuple(s.dtype for s in shapes),
-            tuple(s._version for s in shapes),
             torch.is_inference_mode_enabled(),
         )
         grid = self._anchor_cache.get(key)

@@ -288,9 +288,10 @@ class YoloHead(nn.Module):
             anchors.anchor_wh[anchor_index],
             anchors.stride[anchor_index],
         )  # [P, 4]
-        pred_t, target_t = pos_raw[:, :NUM_BOX_OUTPUTS], target
-        pred = torch.cat([pred_t[:, :2].sigmoid(), pred_t[:, 2:]], dim=1)
-        goal = torch.cat([target_t[:, :2].sigmoid(), target_t[:, 2:]], dim=1)
+        # Compare offsets after the sigmoid: the encoded logits of a centre near a cell border are
+        # huge (clamped at logit(1 - eps)) while the box barely differs.
+        pred = torch.cat([pos_raw[:, 0:2].sigmoid(), pos_raw[:, 2:NUM_BOX_OUTPUTS]], dim=1)
+        goal = torch.cat([target[:, 0:2].sigmoid(), target[:, 2:4]], dim=1)
         return F.l1_loss(pred, goal, reduction="none")  # [P, 4]
 
     # ------------------------------------------------------------------ inference

@@ -1,0 +1,210 @@
+"""LightningDataModules: any COCO-format dataset, and the built-in synthetic one.
+
+Both build their datasets lazily, because ``train.py`` asks for the category map and the training
+box sizes (to fit anchors) before ``trainer.fit`` runs ``setup``. Batches are
+``(uint8 Tensor[B, 3, S, S], list[target])``; conversion to float and normalisation happen on the
+device (``DetectionModule.on_after_batch_transfer``), so workers ship a quarter of the bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from anchordet.data.categories import CategoryMap
+from anchordet.data.coco import CocoDetectionDataset, DatasetError
+from anchordet.data.synthetic import generate_synthetic_coco
+
+
+def collate(batch: Sequence[tuple[Tensor, dict]]) -> tuple[Tensor, list[dict]]:
+    """``[(image uint8 [3, S, S], target), ...] -> (uint8 [B, 3, S, S], [target, ...])``.
+
+    Targets stay a list: images hold different numbers of boxes, and padding them belongs to the
+    matcher (``pad_targets``), which knows what the padding means.
+    """
+    images, targets = zip(*batch)
+    return torch.stack(images), list(targets)
+
+
+@dataclass(frozen=True)
+class DataPaths:
+    train_images: Path
+    train_annotations: Path
+    val_images: Path
+    val_annotations: Path
+
+
+class CocoDataModule(L.LightningDataModule):
+    """Train/val loaders over COCO-format data.
+
+    ``root=/path/to/coco`` means ``root/train2017``, ``root/annotations/instances_train2017.json``
+    and the same for ``val2017``; ``train_images`` / ``train_annotations`` / ``val_images`` /
+    ``val_annotations`` override single paths. Labels follow the training file's categories
+    (`category_map`); the validation file must list the same categories.
+    """
+
+    def __init__(self, root: str | os.PathLike | None = None,
+                 train_images: str | os.PathLike | None = None,
+                 train_annotations: str | os.PathLike | None = None,
+                 val_images: str | os.PathLike | None = None,
+                 val_annotations: str | os.PathLike | None = None,
+                 image_size: int = 512, batch_size: int = 8, num_workers: int = 2,
+                 hflip_prob: float = 0.5, scale_range: Sequence[float] = (0.5, 1.5)) -> None:
+        super().__init__()
+        if int(batch_size) < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+        if int(num_workers) < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
+        self.root = Path(root) if root is not None else None
+        self._explicit_paths = {"train_images": train_images, "train_annotations": train_annotations,
+                                "val_images": val_images, "val_annotations": val_annotations}
+        self.image_size, self.batch_size, self.num_workers = int(image_size), int(batch_size), int(num_workers)
+        self.hflip_prob, self.scale_range = float(hflip_prob), tuple(float(v) for v in scale_range)
+        self._train_dataset: CocoDetectionDataset | None = None
+        self._val_dataset: CocoDetectionDataset | None = None
+        self._fingerprint: str | None = None
+
+    # ------------------------------------------------------------------ paths
+    def _data_paths(self) -> DataPaths:
+        """Explicit paths win; the rest come from ``root`` in the COCO 2017 layout."""
+        from_root = {}
+        if self.root is not None:
+            from_root = {"train_images": self.root / "train2017",
+                         "train_annotations": self.root / "annotations" / "instances_train2017.json",
+                         "val_images": self.root / "val2017",
+                         "val_annotations": self.root / "annotations" / "instances_val2017.json"}
+        resolved = {}
+        for key, explicit in self._explicit_paths.items():
+            if explicit is None and key not in from_root:
+                raise DatasetError(f"no path for data.{key}: set data.root to a folder in the COCO "
+                                   f"2017 layout or give data.{key} explicitly")
+            resolved[key] = Path(explicit) if explicit is not None else from_root[key]
+        return DataPaths(**resolved)
+
+    @property
+    def train_annotation_file(self) -> Path:
+        return self._data_paths().train_annotations
+
+    @property
+    def val_annotation_file(self) -> Path:
+        """The JSON that COCO evaluation scores validation predictions against."""
+        return self._data_paths().val_annotations
+
+    # ------------------------------------------------------------------ datasets
+    @property
+    def train_dataset(self) -> CocoDetectionDataset:
+        if self._train_dataset is None:
+            paths = self._data_paths()
+            self._train_dataset = CocoDetectionDataset(
+                paths.train_images, paths.train_annotations, self.image_size, train=True,
+                hflip_prob=self.hflip_prob, scale_range=self.scale_range)
+        return self._train_dataset
+
+    @property
+    def val_dataset(self) -> CocoDetectionDataset:
+        if self._val_dataset is None:
+            paths = self._data_paths()
+            dataset = CocoDetectionDataset(paths.val_images, paths.val_annotations, self.image_size,
+                                           train=False)
+            if dataset.category_map != self.category_map:
+                raise DatasetError(
+                    f"the categories of {paths.val_annotations} differ from those of the training "
+                    f"annotations {paths.train_annotations} ("
+                    f"{dataset.category_map.describe_difference(self.category_map)}); labels would "
+                    "mean different classes: use annotation files with the same category list")
+            self._val_dataset = dataset
+        return self._val_dataset
+
+    @property
+    def category_map(self) -> CategoryMap:
+        """COCO category ids <-> labels, from the training annotation file."""
+        return self.train_dataset.category_map
+
+    @property
+    def num_classes(self) -> int:
+        return self.category_map.num_classes
+
+    def train_box_sizes(self) -> Tensor:
+        """(w, h) float32 [N, 2] of every non-crowd, non-degenerate training box after the
+        deterministic letterbox to ``image_size`` (what anchors are fitted to); reads only the JSON."""
+        return self.train_dataset.letterbox_box_sizes()
+
+    def fingerprint(self) -> str:
+        """Short hash of the training annotation file's bytes and the input size: anchor caches
+        keyed on it go stale exactly when the boxes they were fitted to change."""
+        if self._fingerprint is None:
+            digest = hashlib.blake2b(digest_size=8)
+            digest.update(f"image_size={self.image_size};".encode())
+            path = self.train_annotation_file
+            if not path.is_file():
+                raise DatasetError(f"annotation file {path} does not exist; point data.root or "
+                                   "data.train_annotations at a COCO instances JSON")
+            with open(path, "rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(chunk)
+            self._fingerprint = digest.hexdigest()
+        return self._fingerprint
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit"):
+            self.train_dataset  # noqa: B018 (build now, so errors surface before the first step)
+        self.val_dataset  # noqa: B018
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_dataset, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+    def _loader(self, dataset: CocoDetectionDataset, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+            collate_fn=collate,
+            # Pinned host memory only speeds up copies to a GPU; on CPU it only costs memory.
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0)
+
+
+class SyntheticCocoDataModule(CocoDataModule):
+    """`CocoDataModule` over the built-in synthetic shapes set (see `synthetic`).
+
+    The set is generated under ``data_dir`` in ``prepare_data``, or earlier the first time a path
+    is needed (``train.py`` asks for box sizes before ``fit``), and reused afterwards.
+    ``image_size`` defaults to ``canvas_size``; other keyword arguments go to `CocoDataModule`.
+    """
+
+    def __init__(self, data_dir: str | os.PathLike, num_train: int = 512, num_val: int = 64,
+                 canvas_size: int = 320, seed: int = 0, **kwargs) -> None:
+        given_paths = [key for key in ("root", "train_images", "train_annotations", "val_images",
+                                       "val_annotations") if kwargs.get(key) is not None]
+        if given_paths:
+            raise TypeError(f"SyntheticCocoDataModule writes its own files; drop {given_paths} "
+                            "(or use CocoDataModule for existing data)")
+        kwargs.setdefault("image_size", canvas_size)
+        super().__init__(**kwargs)
+        self.data_dir = Path(data_dir)
+        self.num_train, self.num_val = int(num_train), int(num_val)
+        self.canvas_size, self.seed = int(canvas_size), int(seed)
+        self._generated_paths: DataPaths | None = None
+
+    def prepare_data(self) -> None:
+        self._data_paths()
+
+    def _data_paths(self) -> DataPaths:
+        if self._generated_paths is None:
+            splits = generate_synthetic_coco(self.data_dir, self.num_train, self.num_val,
+                                             self.canvas_size, self.seed)
+            self._generated_paths = DataPaths(*splits["train"], *splits["val"])
+        return self._generated_paths
