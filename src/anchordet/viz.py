@@ -374,15 +374,22 @@ def anchor_shape_scatter(gt_wh: Tensor, shapes_per_level: Sequence[Tensor], leve
     figure = new_figure(6, 5)
     axes = figure.add_subplot()
     positive = gt[(gt > 0).all(dim=1)]
-    axes.scatter(positive[:, 0].numpy(), positive[:, 1].numpy(), s=4, alpha=0.3, color="0.4",
+    axes.scatter(positive[:, 0].numpy(), positive[:, 1].numpy(), s=6, alpha=0.35, color="0.35",
                  label=f"GT boxes ({gt_wh.shape[0]})", rasterized=True)
     for i, (name, shapes) in enumerate(zip(level_names, shapes_per_level)):
         shapes = shapes.detach().cpu().float().reshape(-1, 2)
         if shapes.shape[0]:
             axes.scatter(shapes[:, 0].numpy(), shapes[:, 1].numpy(), s=90, marker="X",
                          color=np.array(color_of(i)) / 255, edgecolors="black", label=f"anchors {name}")
-    axes.set_xscale("log")
-    axes.set_yscale("log")
+    from matplotlib.ticker import LogLocator, NullFormatter, StrMethodFormatter
+
+    axes.set_xscale("log", base=2)
+    axes.set_yscale("log", base=2)
+    for axis in (axes.xaxis, axes.yaxis):
+        # Powers of two in plain pixels (4, 8, 16 ...), the natural steps of strides and anchor sizes.
+        axis.set_major_locator(LogLocator(base=2))
+        axis.set_major_formatter(StrMethodFormatter("{x:g}"))
+        axis.set_minor_formatter(NullFormatter())
     axes.set_xlabel("width (input px)")
     axes.set_ylabel("height (input px)")
     axes.set_title("GT box sizes and anchor shapes")
@@ -485,7 +492,7 @@ def precision_recall_figure(
         axes.text(0.03, 0.06, f"{_name(class_names, k)}\nAP50 {ap:.2f}", transform=axes.transAxes, fontsize=8,
                   bbox={"facecolor": "white", "alpha": 0.7, "edgecolor": "none", "pad": 1})
     figure.subplots_adjust(left=0.6 / figure.get_figwidth(), right=0.99, bottom=0.4 / figure.get_figheight(),
-                           top=1 - 0.4 / figure.get_figheight(), wspace=0.08, hspace=0.08)
+                           top=1 - 0.55 / figure.get_figheight(), wspace=0.08, hspace=0.08)
     figure.suptitle("precision (y) vs recall (x) per class; IoU 0.5, area all, maxDets 100", fontsize=10)
     return figure_to_image(figure)
 

@@ -158,3 +158,12 @@ def test_letterbox_box_sizes_are_scaled_widths_and_heights(tiny_coco):
     dataset = CocoDetectionDataset(tiny_coco.images_dir, tiny_coco.write(), 40, train=True)
     # Image 1 (80 x 60): scale 0.5; image 2 (60 x 80): scale 0.5. Boxes: 30x20, 20x40, 40x40.
     assert dataset.letterbox_box_sizes().tolist() == [[15.0, 10.0], [10.0, 20.0], [20.0, 20.0]]
+
+
+def test_file_without_any_annotations_gives_empty_targets(tiny_coco):
+    data = tiny_coco.copy_data()
+    data["annotations"] = []
+    dataset = CocoDetectionDataset(tiny_coco.images_dir, tiny_coco.write(data), 64, train=True)
+    assert len(dataset) == 3
+    assert all(dataset[i][1]["boxes"].shape == (0, 4) for i in range(3))
+    assert dataset.letterbox_box_sizes().shape == (0, 2)

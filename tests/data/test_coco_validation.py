@@ -178,5 +178,5 @@ def test_given_category_map_must_match_the_file(tiny_coco):
 
     other = CategoryMap([2, 5, 7], ["ball", "box", "kite"])
     path = tiny_coco.write()
-    with pytest.raises(DatasetError, match=re.escape(str(path)) + ".*only in the first: \\[7\\]"):
+    with pytest.raises(DatasetError, match=re.escape(str(path)) + ".*ids only in the map: \\[7\\]"):
         CocoDetectionDataset(tiny_coco.images_dir, path, 64, train=False, category_map=other)

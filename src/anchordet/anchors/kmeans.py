@@ -136,6 +136,15 @@ def kmeans_anchor_shapes(
     box_wh = box_wh.detach().float().cpu()
     if not torch.isfinite(box_wh).all() or (box_wh <= 0).any():
         raise ValueError("box_wh for k-means must be finite and strictly positive; drop degenerate boxes first")
+    # Fewer distinct shapes than k would leave clusters empty forever.  Count them exactly through
+    # the float bits (positive floats -> non-negative int32) packed into one int64 key per box.
+    bits = box_wh.view(torch.int32).long()
+    num_distinct = torch.unique(bits[:, 0] * 2**32 + bits[:, 1]).numel()
+    if num_distinct < k:
+        raise ValueError(
+            f"k-means got only {num_distinct} distinct box shapes for anchor.k={k}; lower anchor.k "
+            f"or use more training data"
+        )
 
     generator = torch.Generator().manual_seed(int(seed))
     centres = _kmeans_pp_init(box_wh, k, generator)

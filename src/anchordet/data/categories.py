@@ -126,14 +126,15 @@ class CategoryMap:
         more = f", ... ({self.num_classes} classes)" if self.num_classes > 6 else ""
         return f"CategoryMap({shown}{more})"
 
-    def describe_difference(self, other: "CategoryMap") -> str:
-        """Human-readable difference, for errors when two annotation files disagree."""
+    def describe_difference(self, other: "CategoryMap", labels: tuple[str, str] = ("the first", "the second")) -> str:
+        """Human-readable difference, for errors when two annotation files disagree; ``labels``
+        name ``self`` and ``other`` in the text."""
         mine, theirs = dict(zip(self._ids, self._names)), dict(zip(other._ids, other._names))
         parts = []
         if only_here := sorted(set(mine) - set(theirs)):
-            parts.append(f"ids only in the first: {only_here[:10]}")
+            parts.append(f"ids only in {labels[0]}: {only_here[:10]}")
         if only_there := sorted(set(theirs) - set(mine)):
-            parts.append(f"ids only in the second: {only_there[:10]}")
+            parts.append(f"ids only in {labels[1]}: {only_there[:10]}")
         renamed = [(i, mine[i], theirs[i]) for i in sorted(set(mine) & set(theirs)) if mine[i] != theirs[i]]
         if renamed:
             parts.append("names differ: " + ", ".join(f"{i}: {a!r} vs {b!r}" for i, a, b in renamed[:5]))

@@ -156,7 +156,7 @@ def build_coco_index(annotation_file: str | os.PathLike, images_dir: str | os.Pa
         num_crowd=int(crowd.sum()), num_degenerate=int(degenerate.sum()))
     log.info("%s: %d images (%d without objects, kept), %d annotations -> %d boxes; %d crowd regions "
              "kept out of the targets, %d degenerate boxes dropped (width or height <= 1 px after "
-             "clipping to the image)", path.name, len(image_ids), int((counts == 0).sum()),
+             "clipping to the image)", path, len(image_ids), int((counts == 0).sum()),
              len(annotations), len(keep), index.num_crowd, index.num_degenerate)
     return index
 
@@ -292,7 +292,7 @@ class CocoDetectionDataset(Dataset):
         if category_map is not None and category_map != self.index.category_map:
             raise DatasetError(f"the categories of {annotation_file} differ from the category map in "
                                f"use (from the training annotations or a checkpoint): "
-                               f"{category_map.describe_difference(self.index.category_map)}; use "
+                               f"{category_map.describe_difference(self.index.category_map, ('the map', 'the file'))}; use "
                                "annotation files that share one category list")
         self.category_map = category_map or self.index.category_map
         self.labels = self.category_map.labels_of(self.index.category_ids)  # int64 [K]

@@ -118,7 +118,7 @@ class CocoDataModule(L.LightningDataModule):
                 raise DatasetError(
                     f"the categories of {paths.val_annotations} differ from those of the training "
                     f"annotations {paths.train_annotations} ("
-                    f"{dataset.category_map.describe_difference(self.category_map)}); labels would "
+                    f"{dataset.category_map.describe_difference(self.category_map, ('val', 'train'))}); labels would "
                     "mean different classes: use annotation files with the same category list")
             self._val_dataset = dataset
         return self._val_dataset

@@ -1,0 +1,148 @@
+"""The picture callbacks in a real tiny Lightning fit (ResNet-18, 64 px, 2 epochs), built by
+`train.run_training` from the composed config like `python train.py experiment=tiny`, with the
+written TensorBoard event files read back; plus the matcher roles and the safety rules on their own."""
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from anchordet.callbacks import AnchorPictures, FeatureMapPictures, PictureCallback, PredictionPictures
+from anchordet.callbacks.anchors import match_anchors
+from anchordet.matching import YoloMatcher
+from anchordet.models.backbone import ResNetFPN
+from anchordet.models.detector import Detector
+from anchordet.models.heads.yolo import YoloHead
+
+REPO = Path(__file__).resolve().parents[2]
+LEVELS = ("P3", "P4", "P5")
+STAGES = ("C2", "C3", "C4", "C5")
+# 64 px inputs, upscaled x8 to 512; two pictures per row with make_grid's 4 px padding: 2*512 + 3*4.
+TWO_COLUMNS_OF_512 = 1036
+
+
+def train_tiny(root: Path, *overrides: str) -> EventAccumulator:
+    """`train.py experiment=tiny` in this process, output under `root`; returns its TensorBoard events."""
+    import sys
+
+    sys.path.insert(0, str(REPO))
+    import train
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[
+            "experiment=tiny", "trainer.max_epochs=2", "+trainer.enable_progress_bar=false",
+            f"paths.root_dir={root}", f"paths.output_dir={root / 'run'}", *overrides])
+    train.run_training(cfg)
+    size_guidance = {"images": 0, "scalars": 0, "histograms": 0, "tensors": 0}
+    return EventAccumulator(str(root / "run" / "tensorboard"), size_guidance=size_guidance).Reload()
+
+
+@pytest.fixture(scope="module")
+def events(tmp_path_factory):
+    return train_tiny(tmp_path_factory.mktemp("pictures"), "callbacks.anchor_pictures.every_n_epochs=1",
+                      "callbacks.anchor_pictures.num_stat_images=8")
+
+
+def image_sizes(events: EventAccumulator) -> dict[str, tuple[int, int]]:
+    """tag -> (width, height) of the last picture written under it."""
+    return {tag: (events.Images(tag)[-1].width, events.Images(tag)[-1].height) for tag in events.Tags()["images"]}
+
+
+def test_every_picture_tag_exists_with_the_expected_size(events):
+    sizes = image_sizes(events)
+    assert sizes["anchors/matching"][0] == TWO_COLUMNS_OF_512
+    assert sizes["anchors/shapes"][0] == TWO_COLUMNS_OF_512  # all-shapes panel + one per level, 2 per row
+    assert sizes["predictions/images"][0] == TWO_COLUMNS_OF_512
+    assert sizes["anchors/matching"][1] > TWO_COLUMNS_OF_512  # plus the legend bands
+    assert sizes["anchors/gt_size_scatter"] == (600, 500)  # 6 x 5 in at 100 dpi
+    assert sizes["anchors/best_iou_histogram"] == (600, 400)
+    assert "predictions/pr_curves" in sizes
+    for name in STAGES + LEVELS:
+        # Maps of 16 .. 2 px upscaled (integer factor) to 256; channel grid of 16 tiles of 96 px.
+        assert sizes[f"features/{name}/mean"] == (256, 256), name
+        assert sizes[f"features/{name}/pca"] == (256, 256), name
+        assert sizes[f"features/{name}/channels"] == (394, 394), name
+        assert f"features/{name}/activations" in events.Tags()["histograms"]
+    assert sizes["features/input"] == (256, 256)  # shown at the feature pictures' size
+
+
+def test_pictures_repeat_on_schedule(events):
+    # Anchors: fit start + after epochs 1 and 2 (every_n_epochs=1); features: fit start + after
+    # epoch 2 (every 2); predictions: both validation runs (the sanity check is skipped).
+    assert len(events.Images("anchors/matching")) == 3
+    assert len(events.Images("anchors/shapes")) == 1
+    assert len(events.Images("features/P3/pca")) == 2
+    assert len(events.Images("predictions/images")) == 2
+
+
+def test_scalars_and_text(events):
+    scalars = set(events.Tags()["scalars"])
+    for tag in ["anchors/mean_best_iou", "anchors/best_possible_recall",
+                *(f"anchors/positives_per_image/{level}" for level in LEVELS),
+                "timing/anchor_pictures_s", "timing/feature_pictures_s", "timing/prediction_pictures_s"]:
+        assert tag in scalars, tag
+    recall = events.Scalars("anchors/best_possible_recall")[0].value
+    assert 0.0 <= recall <= 1.0
+    total_positives = sum(events.Scalars(f"anchors/positives_per_image/{level}")[0].value for level in LEVELS)
+    assert total_positives > 0
+    assert "predictions/per_class_ap/text_summary" in events.Tags()["tensors"]
+
+
+def test_turning_callbacks_off_removes_their_tags(tmp_path):
+    events = train_tiny(tmp_path, "callbacks.anchor_pictures=null", "callbacks.feature_pictures=null",
+                        "trainer.max_epochs=1")
+    tags = set(events.Tags()["images"]) | set(events.Tags()["scalars"]) | set(events.Tags()["histograms"])
+    assert not [t for t in tags if t.startswith(("features/", "timing/anchor", "timing/feature"))]
+    assert not [t for t in tags if t.startswith("anchors/") and not t.startswith(("anchors/kmeans", "anchors/grid", "anchors/gain", "anchors/from_cache"))]
+    assert "predictions/images" in tags
+
+
+# ---------------------------------------------------------------------------- matcher roles
+def tiny_detector(ignore_iou: float) -> Detector:
+    torch.manual_seed(0)
+    shapes = [torch.tensor([[8.0, 8.0]]), torch.tensor([[16.0, 32.0]]), torch.tensor([[40.0, 40.0]])]
+    backbone = ResNetFPN(depth=18, levels=LEVELS, norm="group", fpn_channels=32)
+    head = YoloHead(in_channels=32, num_anchors=1, num_classes=2, num_levels=3, tower_depth=1, ignore_iou=ignore_iou)
+    return Detector(backbone, head, shapes, YoloMatcher()).eval()
+
+
+def test_roles_follow_the_matcher_and_the_heads_ignore_rule():
+    images = torch.randn(1, 3, 64, 64)
+    targets = [{"boxes": torch.tensor([[8.0, 8.0, 24.0, 40.0]]), "labels": torch.tensor([0])}]
+    with torch.no_grad():
+        # A 16 x 32 box: its best shape is level P4's 16 x 32 (IoU 1), at the cell of its centre
+        # (16, 24) on the stride-16 grid: column 1, row 1. P3 has 8*8 anchors, so index 64 + 1*4 + 1.
+        anchors, matched, ignored, _, _ = match_anchors(tiny_detector(0.5), images, targets, (64, 64))
+        assert anchors.num_anchors == 64 + 16 + 4
+        assert (matched[0] >= 0).nonzero().flatten().tolist() == [64 + 5]
+        assert not (ignored & (matched >= 0)).any()
+        # IoU is never above 1 and always above -1: the head's threshold decides, nothing else.
+        _, _, none_ignored, _, _ = match_anchors(tiny_detector(1.0), images, targets, (64, 64))
+        _, _, all_ignored, _, _ = match_anchors(tiny_detector(-1.0), images, targets, (64, 64))
+    assert not none_ignored.any()
+    assert all_ignored.sum().item() == anchors.num_anchors - 1
+
+
+# ---------------------------------------------------------------------------- safety rules
+@pytest.mark.parametrize("callback", [AnchorPictures(), FeatureMapPictures(), PredictionPictures()])
+def test_only_rank_zero_draws(callback):
+    # A trainer of rank 1: the hooks must return before touching the datamodule or the model.
+    trainer = SimpleNamespace(is_global_zero=False, sanity_checking=False, loggers=[], current_epoch=9,
+                              global_step=0)
+    module = SimpleNamespace()  # any attribute access would raise
+    callback.on_fit_start(trainer, module)
+    getattr(callback, "on_train_epoch_end", lambda *a: None)(trainer, module)
+    getattr(callback, "on_validation_end", lambda *a: None)(trainer, module)
+    assert callback.calls == 0
+
+
+def test_eval_mode_restores_the_training_mode_even_after_an_error():
+    module = torch.nn.BatchNorm2d(3).train()
+    with pytest.raises(RuntimeError):
+        with PictureCallback.eval_mode(module):
+            assert not module.training and not torch.is_grad_enabled()
+            raise RuntimeError("drawing failed")
+    assert module.training and torch.is_grad_enabled()
