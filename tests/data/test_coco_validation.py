@@ -20,7 +20,8 @@ def build(tiny_coco, annotation_file, images_dir=None):
 
 def expect_error(*fragments):
     """pytest.raises for a DatasetError whose message contains every fragment literally."""
-    return pytest.raises(DatasetError, match="(?s)" + "".join(f"(?=.*{re.escape(str(f))})" for f in fragments))
+    lookaheads = "".join(f"(?=.*{re.escape(str(fragment))})" for fragment in fragments)
+    return pytest.raises(DatasetError, match="(?s)" + lookaheads)
 
 
 def test_valid_tiny_set_builds(tiny_coco):
@@ -68,7 +69,8 @@ def test_empty_bbox(tiny_coco):
         build(tiny_coco, path)
 
 
-@pytest.mark.parametrize("bbox", [["a", 1, 2, 3], [1, 2, None, 4], [1, 2, 3], "1 2 3 4", [1, 2, float("nan"), 4]])
+@pytest.mark.parametrize("bbox", [["a", 1, 2, 3], [1, 2, None, 4], [1, 2, 3], "1 2 3 4",
+                                  [1, 2, float("nan"), 4]])
 def test_non_numeric_or_malformed_bbox(tiny_coco, bbox):
     data = tiny_coco.copy_data()
     data["annotations"][2]["bbox"] = bbox

@@ -177,3 +177,10 @@ def test_collate_stacks_images_and_lists_targets():
     assert images.shape == (2, 3, 8, 8) and images[1].eq(1).all()
     assert targets == [{"image_id": 1}, {"image_id": 2}]
     assert np.array_equal(images[0].numpy(), np.zeros((3, 8, 8)))
+
+
+def test_bad_settings_fail_at_construction():
+    with pytest.raises(ValueError, match="scale_range"):
+        CocoDataModule(root="/nowhere", scale_range=(2.0, 1.0))
+    with pytest.raises(ValueError, match="data.batch_size"):
+        CocoDataModule(root="/nowhere", batch_size=0)

@@ -127,7 +127,8 @@ def test_annotations_are_tight_crowd_free_and_areas_match_the_shapes(varied_set)
         x, y, w, h = annotation["bbox"]
         width, height = sizes[annotation["image_id"]]
         assert annotation["iscrowd"] == 0 and 0 <= x and 0 <= y and x + w <= width and y + h <= height
-        assert annotation["area"] == pytest.approx(area_factor[kinds[annotation["category_id"]]] * w * h, abs=0.01)
+        shape_area = area_factor[kinds[annotation["category_id"]]] * w * h
+        assert annotation["area"] == pytest.approx(shape_area, abs=0.01)
     # Pixels: for the biggest rectangle with nothing else within 3 px, the pixels of its colour
     # span exactly its box (to within a pixel of JPEG blur).
     def isolated(a):
@@ -158,3 +159,19 @@ def test_generated_set_passes_dataset_validation(synthetic_splits):
     image, target = dataset[0]
     assert image.shape == (3, 96, 96) and target["orig_size"] == (
         dataset.index.heights[0], dataset.index.widths[0])
+
+
+def _generate_in_child(out_dir):
+    return generate_synthetic_coco(out_dir, num_train=20, num_val=4, canvas_size=96, seed=2)
+
+
+def test_concurrent_generation_leaves_one_complete_set(tmp_path):
+    """DDP ranks may all generate at once: each builds privately, one rename wins, all agree."""
+    import multiprocessing
+
+    with multiprocessing.get_context("fork").Pool(3) as pool:
+        results = pool.map(_generate_in_child, [tmp_path] * 3)
+    assert results[0] == results[1] == results[2]
+    assert [p.name for p in tmp_path.iterdir()] == [results[0]["train"][0].parent.name]
+    dataset = CocoDetectionDataset(*results[0]["train"], 96, train=False)
+    assert len(dataset) == 20

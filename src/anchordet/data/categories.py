@@ -126,7 +126,8 @@ class CategoryMap:
         more = f", ... ({self.num_classes} classes)" if self.num_classes > 6 else ""
         return f"CategoryMap({shown}{more})"
 
-    def describe_difference(self, other: "CategoryMap", labels: tuple[str, str] = ("the first", "the second")) -> str:
+    def describe_difference(self, other: "CategoryMap",
+                            labels: tuple[str, str] = ("the first", "the second")) -> str:
         """Human-readable difference, for errors when two annotation files disagree; ``labels``
         name ``self`` and ``other`` in the text."""
         mine, theirs = dict(zip(self._ids, self._names)), dict(zip(other._ids, other._names))

@@ -73,7 +73,8 @@ def read_annotation_file(annotation_file: str | os.PathLike) -> dict:
         raise DatasetError(f"annotation file {path} is not valid JSON (line {error.lineno}, column "
                            f"{error.colno}: {error.msg}); repair or re-export the file") from None
     except UnicodeDecodeError as error:
-        raise DatasetError(f"annotation file {path} is not UTF-8 text ({error}); is it really JSON?") from None
+        raise DatasetError(f"annotation file {path} is not UTF-8 text ({error}); is it really "
+                           "JSON?") from None
     if not isinstance(data, dict):
         raise DatasetError(f"annotation file {path} holds a JSON {type(data).__name__}, not an object "
                            f"with {', '.join(REQUIRED_SECTIONS)}; is it a COCO instances file?")
@@ -290,10 +291,10 @@ class CocoDetectionDataset(Dataset):
         self.transform = DetectionTransform(image_size, train, hflip_prob, scale_range)
         self.index = build_coco_index(annotation_file, images_dir)
         if category_map is not None and category_map != self.index.category_map:
+            difference = category_map.describe_difference(self.index.category_map, ("the map", "the file"))
             raise DatasetError(f"the categories of {annotation_file} differ from the category map in "
-                               f"use (from the training annotations or a checkpoint): "
-                               f"{category_map.describe_difference(self.index.category_map, ('the map', 'the file'))}; use "
-                               "annotation files that share one category list")
+                               f"use (from the training annotations or a checkpoint): {difference}; "
+                               "use annotation files that share one category list")
         self.category_map = category_map or self.index.category_map
         self.labels = self.category_map.labels_of(self.index.category_ids)  # int64 [K]
         self.image_size, self.train = int(image_size), bool(train)

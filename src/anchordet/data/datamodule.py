@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from anchordet.data.categories import CategoryMap
 from anchordet.data.coco import CocoDetectionDataset, DatasetError
 from anchordet.data.synthetic import generate_synthetic_coco
+from anchordet.data.transforms import DetectionTransform
 
 
 def collate(batch: Sequence[tuple[Tensor, dict]]) -> tuple[Tensor, list[dict]]:
@@ -63,10 +64,12 @@ class CocoDataModule(L.LightningDataModule):
             raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
         if int(num_workers) < 0:
             raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
+        DetectionTransform(image_size, True, hflip_prob, scale_range)  # fail now on bad settings
         self.root = Path(root) if root is not None else None
         self._explicit_paths = {"train_images": train_images, "train_annotations": train_annotations,
                                 "val_images": val_images, "val_annotations": val_annotations}
-        self.image_size, self.batch_size, self.num_workers = int(image_size), int(batch_size), int(num_workers)
+        self.image_size, self.batch_size = int(image_size), int(batch_size)
+        self.num_workers = int(num_workers)
         self.hflip_prob, self.scale_range = float(hflip_prob), tuple(float(v) for v in scale_range)
         self._train_dataset: CocoDetectionDataset | None = None
         self._val_dataset: CocoDetectionDataset | None = None
@@ -115,11 +118,11 @@ class CocoDataModule(L.LightningDataModule):
             dataset = CocoDetectionDataset(paths.val_images, paths.val_annotations, self.image_size,
                                            train=False)
             if dataset.category_map != self.category_map:
+                difference = dataset.category_map.describe_difference(self.category_map, ("val", "train"))
                 raise DatasetError(
                     f"the categories of {paths.val_annotations} differ from those of the training "
-                    f"annotations {paths.train_annotations} ("
-                    f"{dataset.category_map.describe_difference(self.category_map, ('val', 'train'))}); labels would "
-                    "mean different classes: use annotation files with the same category list")
+                    f"annotations {paths.train_annotations} ({difference}); labels would mean "
+                    "different classes: use annotation files with the same category list")
             self._val_dataset = dataset
         return self._val_dataset
 

@@ -28,7 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
+from torchvision.ops import box_iou
 
 log = logging.getLogger("anchordet.data")
 
@@ -143,7 +145,7 @@ def _draw_image(rng: np.random.Generator, canvas_size: int) -> tuple[Image.Image
     picture = Image.fromarray(_background(rng, height, width))
     num_objects = 0 if rng.random() < EMPTY_IMAGE_PROB else int(rng.integers(1, MAX_OBJECTS + 1))
     sizes = np.exp(rng.uniform(math.log(MIN_OBJECT_SIDE), math.log(0.5 * min(width, height)), num_objects))
-    placed: list[np.ndarray] = []
+    placed = torch.zeros((0, 4), dtype=torch.float64)  # xyxy of the objects drawn so far
     objects = []
     draw = ImageDraw.Draw(picture)
     # Largest first, so that smaller shapes are drawn on top and never hidden.
@@ -154,14 +156,16 @@ def _draw_image(rng: np.random.Generator, canvas_size: int) -> tuple[Image.Image
         h = int(np.clip(round(size / math.sqrt(aspect)), 3, height - 2))
         for _attempt in range(20):
             x0, y0 = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
-            box = np.array([x0, y0, x0 + w, y0 + h], dtype=np.float64)
-            if all(_iou(box, other) <= MAX_OVERLAP_IOU for other in placed):
+            box = torch.tensor([[x0, y0, x0 + w, y0 + h]], dtype=torch.float64)
+            if len(placed) == 0 or box_iou(box, placed).max() <= MAX_OVERLAP_IOU:
                 break
         else:
             continue  # no free spot: leave this object out rather than bury it
-        placed.append(box)
-        colour = tuple(int(c) for c in np.clip(np.array(shape_class.colour) + rng.integers(-25, 26, 3), 0, 255))
-        area, polygon = _draw_shape(draw, shape_class.kind, x0, y0, w, h, colour, upside_down=rng.random() < 0.5)
+        placed = torch.cat([placed, box])
+        jitter = rng.integers(-25, 26, 3)
+        colour = tuple(int(c) for c in np.clip(np.array(shape_class.colour) + jitter, 0, 255))
+        area, polygon = _draw_shape(draw, shape_class.kind, x0, y0, w, h, colour,
+                                    upside_down=rng.random() < 0.5)
         objects.append({"category_id": shape_class.category_id, "bbox": [x0, y0, w, h],
                         "area": round(area, 2), "segmentation": [polygon]})
     return picture, objects
@@ -207,12 +211,3 @@ def _smooth_noise(rng: np.random.Generator, height: int, width: int, cells: int)
     grid = np.clip(128 + 40 * rng.standard_normal((cells, cells, 3)), 0, 255).astype(np.uint8)
     smooth = Image.fromarray(grid).resize((width, height), Image.Resampling.BILINEAR)
     return (np.asarray(smooth, dtype=np.float32) - 128.0) / 40.0
-
-
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    """IoU of two xyxy boxes (placement only; a handful per image, so no torch needed)."""
-    inter_w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    inter_h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = inter_w * inter_h
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union

@@ -81,7 +81,8 @@ class DetectionTransform:
             raise ValueError(f"hflip_prob must be in [0, 1], got {hflip_prob}")
         low, high = (float(v) for v in scale_range)
         if not 0.0 < low <= high:
-            raise ValueError(f"scale_range must be (low, high) with 0 < low <= high, got {tuple(scale_range)}")
+            raise ValueError(f"scale_range must be (low, high) with 0 < low <= high, "
+                             f"got {tuple(scale_range)}")
         self.image_size, self.train = int(image_size), bool(train)
         self.hflip_prob, self.scale_range = float(hflip_prob), (low, high)
 
