@@ -7,8 +7,11 @@ Returns the best value of `monitor` so Hydra sweepers can optimise it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import sys
 from pathlib import Path
 
 import hydra
@@ -16,7 +19,7 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from anchordet.assembly import assemble_detector
 from anchordet.data.categories import CategoryMap
@@ -104,6 +107,32 @@ def resolve_resume(cfg: DictConfig) -> Path | None:
     return ckpt_path
 
 
+def prepare_ddp(cfg: DictConfig) -> DictConfig:
+    """Make Lightning's DDP launcher and Hydra agree, for single runs and inside `-m` sweeps.
+
+    Lightning starts ranks 1..N-1 by re-running this script with `sys.argv` plus
+    `hydra.run.dir=<HydraConfig run.dir>`. Left alone that breaks in two ways: `run.dir` holds
+    `${now:...}`, which each rank resolves at its own second (a folder per rank), and inside a sweep
+    `sys.argv` still says `-m a,b`, so every rank would start a sweep of its own. So the ranks get this
+    job's own overrides (one value per key) and the folder this job already writes to.
+    Also: SyncBatchNorm only runs on accelerators, so on CPU (gloo) it is switched off.
+    """
+    trainer_cfg = cfg.trainer
+    strategy = trainer_cfg.get("strategy")
+    if strategy is None or int(trainer_cfg.get("devices", 1) or 1) * int(trainer_cfg.get("num_nodes", 1) or 1) <= 1:
+        return trainer_cfg
+    if HydraConfig.initialized():
+        hydra_cfg = HydraConfig.get()
+        sys.argv = [sys.argv[0], *hydra_cfg.overrides.task]
+        with read_write(hydra_cfg.run):
+            hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
+    on_cpu = trainer_cfg.get("accelerator") == "cpu" or not torch.cuda.is_available()
+    if on_cpu and trainer_cfg.get("sync_batchnorm"):
+        log.info("trainer.sync_batchnorm=true ignored on the CPU (SyncBatchNorm needs an accelerator)")
+        trainer_cfg = OmegaConf.merge(trainer_cfg, {"sync_batchnorm": False})
+    return trainer_cfg
+
+
 def run_training(cfg: DictConfig) -> float | None:
     L.seed_everything(cfg.seed, workers=True)
     resume_from = resolve_resume(cfg)
@@ -127,12 +156,35 @@ def run_training(cfg: DictConfig) -> float | None:
 
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
-    trainer_cfg = OmegaConf.merge(cfg.trainer, {"precision": resolve_precision(cfg.trainer)})
+    trainer_cfg = OmegaConf.merge(prepare_ddp(cfg), {"precision": resolve_precision(cfg.trainer)})
     trainer: L.Trainer = instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False)
     if trainer.is_global_zero and anchor_report is not None:
         log_anchor_report(loggers, anchor_report, anchor_shapes)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
-    return report_result(cfg, trainer)
+    with distributed_job_scope():
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+        return report_result(cfg, trainer)
+
+
+# What Lightning's DDP launcher leaves in the launching process: the next job of a sweep would see
+# them, take itself for an externally launched rank and wait forever for peers that never start.
+LAUNCHER_ENV_KEYS = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+
+
+@contextlib.contextmanager
+def distributed_job_scope():
+    """Leave the process as this job found it: one job's process group and launcher variables must
+    not leak into the next job of a `-m` sweep run by the same process."""
+    saved_env = {key: os.environ.get(key) for key in LAUNCHER_ENV_KEYS}
+    try:
+        yield
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def report_result(cfg: DictConfig, trainer: L.Trainer) -> float | None:

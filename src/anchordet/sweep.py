@@ -55,7 +55,6 @@ def write_sweep_summary(sweep_dir: str | Path) -> Path:
         best = "n/a" if row["best"] is None else f"{row['best']:.4f}"
         lines.append(f"  [{row['run']}] {row['monitor']}={best}  {row['overrides']}  {row['best_checkpoint']}")
     log.info("\n".join(lines))
-    print("\n".join(lines))
     return path
 
 
