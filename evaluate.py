@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from anchordet.data.categories import CategoryMap
 from anchordet.evaluation import format_per_class_table, write_results
 from anchordet.module import DetectionModule, read_checkpoint
-from train import build_detector
+from train import build_detector, distributed_job_scope, rerun_ranks_in_this_job
 
 log = logging.getLogger("anchordet.evaluate")
 
@@ -58,10 +58,19 @@ def run_evaluation(cfg: DictConfig) -> dict:
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
-    trainer = L.Trainer(accelerator=cfg.accelerator, devices=1, logger=False, enable_checkpointing=False,
+    distributed = int(cfg.devices) > 1
+    if distributed:
+        rerun_ranks_in_this_job()
+    trainer = L.Trainer(accelerator=cfg.accelerator, devices=int(cfg.devices),
+                        strategy="ddp" if distributed else "auto", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)
     datamodule.setup("validate")
-    trainer.validate(module, dataloaders=datamodule.val_dataloader(), verbose=False)
+    with distributed_job_scope():
+        # Each rank validates its share; the module gathers every rank's detections (each image once)
+        # before COCOeval, so the numbers equal a single-process run.
+        trainer.validate(module, dataloaders=datamodule.val_dataloader(), verbose=False)
+    if not trainer.is_global_zero:
+        return {}
 
     evaluation = module.last_evaluation
     results_name = "detections.json" if module.task == "detection" else "proposals.json"

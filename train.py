@@ -107,6 +107,15 @@ def resolve_resume(cfg: DictConfig) -> Path | None:
     return ckpt_path
 
 
+def rerun_ranks_in_this_job() -> None:
+    """Point Lightning's rank launcher at this job: its overrides and its output folder (see below)."""
+    if HydraConfig.initialized():
+        hydra_cfg = HydraConfig.get()
+        sys.argv = [sys.argv[0], *hydra_cfg.overrides.task]
+        with read_write(hydra_cfg.run):
+            hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
+
+
 def prepare_ddp(cfg: DictConfig) -> DictConfig:
     """Make Lightning's DDP launcher and Hydra agree, for single runs and inside `-m` sweeps.
 
@@ -121,11 +130,7 @@ def prepare_ddp(cfg: DictConfig) -> DictConfig:
     strategy = trainer_cfg.get("strategy")
     if strategy is None or int(trainer_cfg.get("devices", 1) or 1) * int(trainer_cfg.get("num_nodes", 1) or 1) <= 1:
         return trainer_cfg
-    if HydraConfig.initialized():
-        hydra_cfg = HydraConfig.get()
-        sys.argv = [sys.argv[0], *hydra_cfg.overrides.task]
-        with read_write(hydra_cfg.run):
-            hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
+    rerun_ranks_in_this_job()
     on_cpu = trainer_cfg.get("accelerator") == "cpu" or not torch.cuda.is_available()
     if on_cpu and trainer_cfg.get("sync_batchnorm"):
         log.info("trainer.sync_batchnorm=true ignored on the CPU (SyncBatchNorm needs an accelerator)")

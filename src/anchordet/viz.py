@@ -368,6 +368,8 @@ def draw_matching(
 def anchor_shape_scatter(gt_wh: Tensor, shapes_per_level: Sequence[Tensor], level_names: Sequence[str],
                          max_points: int = 20000, seed: int = 0) -> Tensor:
     """Scatter of GT box (w, h) (input px) with the anchor shapes on top, log-log axes -> picture."""
+    from matplotlib.ticker import LogLocator, NullFormatter, StrMethodFormatter
+
     gt = gt_wh.detach().cpu().float().reshape(-1, 2)
     if gt.shape[0] > max_points:  # a few thousand points show the density as well as a million
         gt = gt[torch.randperm(gt.shape[0], generator=torch.Generator().manual_seed(seed))[:max_points]]
@@ -381,8 +383,6 @@ def anchor_shape_scatter(gt_wh: Tensor, shapes_per_level: Sequence[Tensor], leve
         if shapes.shape[0]:
             axes.scatter(shapes[:, 0].numpy(), shapes[:, 1].numpy(), s=90, marker="X",
                          color=np.array(color_of(i)) / 255, edgecolors="black", label=f"anchors {name}")
-    from matplotlib.ticker import LogLocator, NullFormatter, StrMethodFormatter
-
     axes.set_xscale("log", base=2)
     axes.set_yscale("log", base=2)
     for axis in (axes.xaxis, axes.yaxis):
@@ -421,8 +421,9 @@ def draw_detections(
     max_detections: int = 100, min_side: int = MIN_SIDE,
 ) -> Tensor:
     """GT (green, thick, "GT name" tag below the box) and predictions with score >= threshold (class
-    colour, thin, "name score" tag above the box); boxes xyxy in ``image`` pixels. ``class_names=None`` draws class-agnostic
-    boxes (proposals) labelled with their score only."""
+    colour, thin, "name score" tag above the box), at most ``max_detections`` of the highest scores;
+    boxes xyxy in ``image`` pixels. ``class_names=None`` draws class-agnostic boxes (proposals)
+    labelled with their score only; ``score_threshold=-inf`` shows the top ``max_detections``."""
     picture, factor = upscale(as_uint8_rgb(image), min_side)
     # GT first: the thin prediction boxes and their tags then stay visible on top of the thick GT.
     gt = gt_boxes.detach().cpu().float().reshape(-1, 4) * factor
@@ -444,9 +445,9 @@ def draw_detections(
         texts = [f"{_name(class_names, labels[i])} {scores[keep[i]]:.2f}" for i in order]
         colors = [color_of(labels[i]) for i in order]
     picture = draw_boxes(picture, boxes[order], labels=texts, colors=colors)
-    legend = [(f"GT ({len(gt)})", GT_COLOR),
-              (f"{'proposals' if class_names is None else 'predictions'} >= {score_threshold:g} ({len(keep)})",
-               POSITIVE_COLOR if class_names is None else PALETTE[0])]
+    kind = "proposals" if class_names is None else "predictions"
+    shown = f"top {len(keep)} {kind}" if math.isinf(score_threshold) else f"{kind} >= {score_threshold:g} ({len(keep)})"
+    legend = [(f"GT ({len(gt)})", GT_COLOR), (shown, POSITIVE_COLOR if class_names is None else PALETTE[0])]
     return add_band(picture, legend=legend)
 
 

@@ -146,3 +146,28 @@ def test_eval_mode_restores_the_training_mode_even_after_an_error():
             assert not module.training and not torch.is_grad_enabled()
             raise RuntimeError("drawing failed")
     assert module.training and torch.is_grad_enabled()
+
+
+def test_proposals_show_the_top_k_and_the_recall_summary(tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from anchordet.data.categories import CategoryMap
+    from anchordet.evaluation import CocoEvaluation
+    from anchordet.module import DetectionModule
+
+    module = DetectionModule(tiny_detector(0.5), CategoryMap([1, 2], ["a", "b"]), None, task="proposals",
+                             channels_last=False)
+    module.last_evaluation = CocoEvaluation({"AR@100": 0.25}, "AR@100 = 0.2500")
+    image = torch.zeros(3, 64, 64, dtype=torch.uint8)
+    target = {"boxes": torch.tensor([[8.0, 8.0, 24.0, 40.0]]), "labels": torch.tensor([0]), "image_id": 1}
+    logger = TensorBoardLogger(str(tmp_path), name="tb", version="")
+    trainer = SimpleNamespace(is_global_zero=True, sanity_checking=False, loggers=[logger], global_step=3,
+                              datamodule=SimpleNamespace(val_dataset=[(image, target)]))
+    callback = PredictionPictures(num_images=2, proposals_top_k=5)
+    callback.on_validation_end(trainer, module)
+    logger.experiment.flush()
+    events = EventAccumulator(str(tmp_path / "tb")).Reload()
+    assert events.Images("predictions/images")[0].width == 512  # one image (the dataset has one), 64 -> 512
+    assert "predictions/proposal_recall/text_summary" in events.Tags()["tensors"]
+    assert "predictions/per_class_ap/text_summary" not in events.Tags()["tensors"]
+    assert callback.calls == 1 and module.training  # the mode it had before

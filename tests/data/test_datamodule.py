@@ -8,8 +8,9 @@ import re
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import RandomSampler, SequentialSampler
+from torch.utils.data import SequentialSampler
 
+from anchordet.data.sampling import EpochShuffleSampler
 from anchordet.data import (
     CocoDataModule,
     DatasetError,
@@ -65,7 +66,7 @@ def test_val_loader_is_ordered_and_deterministic_train_loader_shuffles(synthetic
     datamodule = module_over(synthetic_splits, image_size=48, batch_size=2)
     datamodule.setup("fit")
     train_loader, val_loader = datamodule.train_dataloader(), datamodule.val_dataloader()
-    assert isinstance(train_loader.sampler, RandomSampler)
+    assert isinstance(train_loader.sampler, EpochShuffleSampler)
     assert isinstance(val_loader.sampler, SequentialSampler)
     seen = [t for _, targets in val_loader for t in targets]
     assert [t["image_id"] for t in seen] == datamodule.val_dataset.image_ids
@@ -76,6 +77,21 @@ def test_val_loader_is_ordered_and_deterministic_train_loader_shuffles(synthetic
                                  (48 - round(height * target["scale"])) // 2)
     again = [t["boxes"] for _, targets in datamodule.val_dataloader() for t in targets]
     assert all(torch.equal(a, t["boxes"]) for a, t in zip(again, seen))
+
+
+def test_train_order_and_augmentation_depend_only_on_seed_and_epoch(synthetic_splits):
+    """Exact resume: epoch e is the same batches with the same augmentations, whatever ran before."""
+    def epoch_batches(epoch, seed=0):
+        datamodule = module_over(synthetic_splits, image_size=48, batch_size=2, shuffle_seed=seed)
+        datamodule._current_epoch = lambda: epoch  # what Lightning's trainer.current_epoch says
+        torch.manual_seed(epoch * 7 + 1)  # the global generator must not matter
+        return [(images, [t["image_id"] for t in targets]) for images, targets in datamodule.train_dataloader()]
+
+    first, again = epoch_batches(1), epoch_batches(1)
+    assert [ids for _, ids in first] == [ids for _, ids in again]
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(first, again))
+    assert [ids for _, ids in epoch_batches(2)] != [ids for _, ids in first]
+    assert [ids for _, ids in epoch_batches(1, seed=5)] != [ids for _, ids in first]
 
 
 def test_loader_settings_on_this_machine(synthetic_splits):

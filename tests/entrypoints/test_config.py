@@ -40,7 +40,9 @@ def test_every_experiment_composes(experiment):
 def test_defaults_are_resnet50_kmeans_yolo_on_synthetic_data():
     cfg = compose(config_name="train")
     assert cfg.backbone.depth == 50
-    assert cfg.anchor._target_.endswith("KMeansAnchors") and cfg.anchor.k == 9
+    # k = 3 per level x P3-P5 = 9 (k: null means k_per_level x levels)
+    assert cfg.anchor._target_.endswith("KMeansAnchors") and cfg.anchor.k_per_level == 3
+    assert list(cfg.backbone.levels) == ["P3", "P4", "P5"]
     assert cfg.head._target_.endswith("YoloHead")
     assert cfg.data._target_.endswith("SyntheticCocoDataModule")
 

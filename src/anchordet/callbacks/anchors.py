@@ -10,10 +10,10 @@ Anchor roles in the matching picture:
   (``head.ignore_iou`` and ``head.box_coder``: an unmatched anchor whose *decoded prediction*
   overlaps a GT by more than ``ignore_iou`` gets no objectness loss) the rule is applied exactly
   as the loss applies it, so the ignored set changes as training moves the predictions. Matchers
-  following torchvision's convention mark anchors between their IoU thresholds with -2; those count
-  as ignored too. Otherwise nothing is ignored;
-- **negative**: everything else; a random sample (fixed seed) is drawn, all of them would cover
-  the image.
+  following torchvision's convention (``IoUMatcher``: ``matched_gt == -2`` between the IoU
+  thresholds) have their own ignored anchors; those count too. Otherwise nothing is ignored;
+- **negative**: everything else; a uniform random sample (fixed seed) is drawn, all of them would
+  cover the image. It is not the RPN's balanced sampler's pick, which changes every step.
 """
 
 from __future__ import annotations
@@ -28,10 +28,7 @@ from torchvision.ops import box_iou
 from anchordet import viz
 from anchordet.anchors.kmeans import fitness_report, shape_iou
 from anchordet.callbacks import PictureCallback, level_names_of
-from anchordet.matching import pad_targets
-
-# torchvision's Matcher.BETWEEN_THRESHOLDS: "neither positive nor negative".
-BETWEEN_THRESHOLDS = -2
+from anchordet.matching import BETWEEN_THRESHOLDS, pad_targets
 
 
 def grid_sizes_for(image_height: int, image_width: int, strides: list[int]) -> list[tuple[int, int]]:
@@ -95,7 +92,7 @@ class AnchorPictures(PictureCallback):
     """
 
     def __init__(self, every_n_epochs: int = 5, num_images: int = 4, num_stat_images: int = 64,
-                 num_negatives: int = 20, max_ignored: int = 50, seed: int = 0) -> None:
+                 num_negatives: int = 12, max_ignored: int = 50, seed: int = 0) -> None:
         super().__init__(every_n_epochs, "anchor_pictures")
         self.num_images, self.num_stat_images = int(num_images), int(num_stat_images)
         self.num_negatives, self.max_ignored, self.seed = int(num_negatives), int(max_ignored), int(seed)
@@ -126,7 +123,8 @@ class AnchorPictures(PictureCallback):
         dataset = self.datamodule(trainer).train_dataset
         count = max(self.num_images, self.num_stat_images)
         images, targets = self.take_samples(dataset, range(count))
-        self._images, self._targets = images[: self.num_images], targets[: self.num_images]
+        # clone: a slice would keep all the statistics images' pixels alive.
+        self._images, self._targets = images[: self.num_images].clone(), targets[: self.num_images]
         # Only the boxes of the statistics images are kept; their pixels are not needed again.
         self._stat_targets = [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets[: self.num_stat_images]]
 
@@ -137,7 +135,12 @@ class AnchorPictures(PictureCallback):
         names = level_names_of(detector)
         writer.add_image("anchors/shapes", viz.draw_anchor_shapes(self._images[0], shapes, names, detector.used_strides), step)
 
-        box_wh = self.datamodule(trainer).train_box_sizes().float()
+        datamodule = self.datamodule(trainer)
+        if hasattr(datamodule, "train_box_sizes"):
+            box_wh = datamodule.train_box_sizes().float()
+        else:  # a datamodule of another kind: the statistics images' boxes stand in for the data
+            boxes = torch.cat([t["boxes"].reshape(-1, 4) for t in self._stat_targets]).float()
+            box_wh = (boxes[:, 2:] - boxes[:, :2]).clamp(min=1e-3)
         report = fitness_report(box_wh, shapes)
         writer.add_scalar("anchors/mean_best_iou", report["mean_best_iou"], step)
         writer.add_scalar("anchors/best_possible_recall", report["best_possible_recall"], step)

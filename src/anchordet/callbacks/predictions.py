@@ -36,7 +36,7 @@ class PredictionPictures(PictureCallback):
     """
 
     def __init__(self, every_n_epochs: int = 1, num_images: int = 4, score_threshold: float = 0.3,
-                 max_detections: int = 50, proposals_top_k: int = 30, pr_curves: bool = True,
+                 max_detections: int = 50, proposals_top_k: int = 20, pr_curves: bool = True,
                  max_pr_classes: int = 80) -> None:
         super().__init__(every_n_epochs, "prediction_pictures")
         self.num_images, self.score_threshold = int(num_images), float(score_threshold)

@@ -30,6 +30,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from anchordet.data.categories import CategoryMap
+from anchordet.data.sampling import augmentation_seed
 from anchordet.data.transforms import DetectionTransform, letterbox_scale
 
 log = logging.getLogger("anchordet.data")
@@ -287,8 +288,9 @@ class CocoDetectionDataset(Dataset):
 
     def __init__(self, images_dir: str | os.PathLike, annotation_file: str | os.PathLike,
                  image_size: int, train: bool, category_map: CategoryMap | None = None,
-                 hflip_prob: float = 0.5, scale_range: Sequence[float] = (0.5, 1.5)) -> None:
+                 hflip_prob: float = 0.5, scale_range: Sequence[float] = (0.5, 1.5), seed: int = 0) -> None:
         self.transform = DetectionTransform(image_size, train, hflip_prob, scale_range)
+        self.seed = int(seed)  # augmentation seed for (position, epoch) keys
         self.index = build_coco_index(annotation_file, images_dir)
         if category_map is not None and category_map != self.index.category_map:
             difference = category_map.describe_difference(self.index.category_map, ("the map", "the file"))
@@ -306,7 +308,13 @@ class CocoDetectionDataset(Dataset):
     def image_ids(self) -> list[int]:
         return self.index.image_ids.tolist()
 
-    def __getitem__(self, i: int) -> tuple[Tensor, dict]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor, dict]:
+        """``key`` is an image position, or ``(position, epoch)`` from `EpochShuffleSampler`: then the
+        augmentation draws from a generator seeded by (seed, epoch, position), reproducible anywhere."""
+        i, generator = key, None
+        if isinstance(key, tuple):
+            i, epoch = int(key[0]), int(key[1])
+            generator = torch.Generator().manual_seed(augmentation_seed(self.seed, epoch, i))
         index = self.index
         image_id, orig_size = int(index.image_ids[i]), (int(index.heights[i]), int(index.widths[i]))
         image = load_rgb_image(index.images_dir / str(index.file_names[i]), image_id, orig_size,
@@ -314,7 +322,7 @@ class CocoDetectionDataset(Dataset):
         start, end = index.offsets[i], index.offsets[i + 1]
         boxes = torch.from_numpy(index.boxes[start:end])
         labels = torch.from_numpy(self.labels[start:end])
-        image, boxes, labels, scale, pad = self.transform(image, boxes, labels)
+        image, boxes, labels, scale, pad = self.transform(image, boxes, labels, generator)
         target = {"boxes": boxes.to(torch.float32), "labels": labels.to(torch.int64),
                   "image_id": image_id, "orig_size": orig_size, "scale": scale, "pad": pad}
         return image, target

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from anchordet.data.categories import CategoryMap
 from anchordet.data.coco import CocoDetectionDataset, DatasetError
+from anchordet.data.sampling import EpochShuffleSampler
 from anchordet.data.synthetic import generate_synthetic_coco
 from anchordet.data.transforms import DetectionTransform
 
@@ -58,7 +59,8 @@ class CocoDataModule(L.LightningDataModule):
                  val_images: str | os.PathLike | None = None,
                  val_annotations: str | os.PathLike | None = None,
                  image_size: int = 512, batch_size: int = 8, num_workers: int = 2,
-                 hflip_prob: float = 0.5, scale_range: Sequence[float] = (0.5, 1.5)) -> None:
+                 hflip_prob: float = 0.5, scale_range: Sequence[float] = (0.5, 1.5),
+                 shuffle_seed: int = 0) -> None:
         super().__init__()
         if int(batch_size) < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
@@ -71,6 +73,7 @@ class CocoDataModule(L.LightningDataModule):
         self.image_size, self.batch_size = int(image_size), int(batch_size)
         self.num_workers = int(num_workers)
         self.hflip_prob, self.scale_range = float(hflip_prob), tuple(float(v) for v in scale_range)
+        self.shuffle_seed = int(shuffle_seed)
         self._train_dataset: CocoDetectionDataset | None = None
         self._val_dataset: CocoDetectionDataset | None = None
         self._fingerprint: str | None = None
@@ -108,7 +111,7 @@ class CocoDataModule(L.LightningDataModule):
             paths = self._data_paths()
             self._train_dataset = CocoDetectionDataset(
                 paths.train_images, paths.train_annotations, self.image_size, train=True,
-                hflip_prob=self.hflip_prob, scale_range=self.scale_range)
+                hflip_prob=self.hflip_prob, scale_range=self.scale_range, seed=self.shuffle_seed)
         return self._train_dataset
 
     @property
@@ -163,7 +166,12 @@ class CocoDataModule(L.LightningDataModule):
         self.val_dataset  # noqa: B018
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset, shuffle=True)
+        # Order and augmentation depend on (shuffle_seed, epoch) only: see data/sampling.py.
+        sampler = EpochShuffleSampler(len(self.train_dataset), self.shuffle_seed, self._current_epoch)
+        return self._loader(self.train_dataset, shuffle=False, sampler=sampler)
+
+    def _current_epoch(self) -> int:
+        return int(self.trainer.current_epoch) if self.trainer is not None else 0
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_dataset, shuffle=False)
@@ -171,9 +179,9 @@ class CocoDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()
 
-    def _loader(self, dataset: CocoDetectionDataset, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset: CocoDetectionDataset, shuffle: bool, sampler=None) -> DataLoader:
         return DataLoader(
-            dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+            dataset, batch_size=self.batch_size, shuffle=shuffle, sampler=sampler, num_workers=self.num_workers,
             collate_fn=collate,
             # Pinned host memory only speeds up copies to a GPU; on CPU it only costs memory.
             pin_memory=torch.cuda.is_available(),

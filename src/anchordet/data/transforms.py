@@ -69,8 +69,9 @@ class DetectionTransform:
     With ``train=False`` nothing is random and N' = N. With ``train=True`` the image is flipped with
     probability ``hflip_prob`` (in the original frame, before scaling), the letterbox scale is
     multiplied by a factor drawn uniformly from ``scale_range``, the placement is random, and boxes
-    cropped to ``MIN_BOX_SIDE`` px or less are dropped. Randomness comes from torch's global
-    generator, which DataLoader seeds differently in every worker.
+    cropped to ``MIN_BOX_SIDE`` px or less are dropped. Randomness comes from ``generator`` when
+    one is given (the data module passes one seeded by (seed, epoch, image index), so a resumed run
+    sees the same augmentations as an uninterrupted one), else from torch's global generator.
     """
 
     def __init__(self, image_size: int, train: bool, hflip_prob: float = 0.5,
@@ -92,7 +93,8 @@ class DetectionTransform:
         return (f"DetectionTransform(letterbox {self.image_size}, hflip {self.hflip_prob}, "
                 f"scale {self.scale_range})")
 
-    def __call__(self, image: Tensor, boxes: Tensor, labels: Tensor):
+    def __call__(self, image: Tensor, boxes: Tensor, labels: Tensor,
+                 generator: torch.Generator | None = None):
         size = self.image_size
         height, width = image.shape[-2:]
         image = tv_tensors.Image(image)
@@ -104,20 +106,21 @@ class DetectionTransform:
             image, placed = place_on_canvas(image, boxes, scale, left, top, size)
             return image.as_subclass(Tensor), placed, labels, scale, (float(left), float(top))
 
-        if torch.rand(()) < self.hflip_prob:
+        if torch.rand((), generator=generator) < self.hflip_prob:
             image, boxes = F.horizontal_flip(image), F.horizontal_flip(boxes)
-        scale *= float(torch.empty((), dtype=torch.float64).uniform_(*self.scale_range))
+        scale *= float(torch.empty((), dtype=torch.float64).uniform_(*self.scale_range, generator=generator))
         new_h, new_w = resized_shape(height, width, scale)
-        left, top = _random_offset(size - new_w), _random_offset(size - new_h)
+        left = _random_offset(size - new_w, generator)
+        top = _random_offset(size - new_h, generator)
         image, placed = place_on_canvas(image, boxes, scale, left, top, size)
         keep = ((placed[:, 2] - placed[:, 0]) > MIN_BOX_SIDE) & ((placed[:, 3] - placed[:, 1]) > MIN_BOX_SIDE)
         return image.as_subclass(Tensor), placed[keep], labels[keep], scale, (float(left), float(top))
 
 
-def _random_offset(slack: int) -> int:
+def _random_offset(slack: int, generator: torch.Generator | None = None) -> int:
     """Offset of the image's edge on the canvas: within [0, slack] when the image is smaller than
     the canvas (it stays whole), within [slack, 0] when larger (the canvas stays covered)."""
-    return int(torch.randint(min(0, slack), max(0, slack) + 1, ()))
+    return int(torch.randint(min(0, slack), max(0, slack) + 1, (), generator=generator))
 
 
 def to_original_frame(boxes: Tensor, target: Mapping[str, Any]) -> Tensor:
