@@ -92,11 +92,14 @@ def resolve_resume(cfg: DictConfig) -> Path | None:
     """
     ckpt_path = cfg.get("ckpt_path")
     if cfg.get("resume") and not ckpt_path:
-        ckpt_path = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
-        if not ckpt_path.is_file():
+        checkpoint_dir = Path(cfg.paths.output_dir) / "checkpoints"
+        candidates = [p for p in [checkpoint_dir / "last.ckpt", *checkpoint_dir.glob("step-*.ckpt")] if p.is_file()]
+        if not candidates:
             raise FileNotFoundError(
-                f"resume=true but {ckpt_path} does not exist: run inside the folder of the run to resume "
-                "(hydra.run.dir=outputs/runs/<date>/<time>) or pass ckpt_path=.../last.ckpt")
+                f"resume=true but {checkpoint_dir} holds no last.ckpt or step-*.ckpt: run inside the folder "
+                "of the run to resume (hydra.run.dir=outputs/runs/<date>/<time>) or pass ckpt_path=...")
+        # The step checkpoint is newer than last.ckpt when the run died mid-epoch.
+        ckpt_path = max(candidates, key=lambda p: p.stat().st_mtime)
     if not ckpt_path:
         return None
     ckpt_path = Path(ckpt_path).resolve()
@@ -149,6 +152,8 @@ def run_training(cfg: DictConfig) -> float | None:
         saved = read_checkpoint(resume_from)["anchordet"]
         anchor_shapes = [torch.tensor(s, dtype=torch.float32).reshape(-1, 2) for s in saved["anchor_shapes_per_level"]]
         anchor_report = None
+        log.info("anchors from the checkpoint %s (no new k-means clustering): %s", resume_from,
+                 [len(s) for s in anchor_shapes])
     else:
         anchor_shapes, anchor_report = fit_anchors(cfg, datamodule, len(cfg.backbone.levels))
         log.info("anchor fitness: %s", json.dumps(anchor_report))
