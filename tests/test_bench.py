@@ -47,9 +47,22 @@ def test_main_prints_one_parsable_line_per_case_and_consistent_ratios(tmp_path, 
         assert math.isclose(ratio["images_per_s_ratio"] * ratio["median_step_s_ratio"], 1.0)
 
 
-def test_subset_of_cases_gives_only_the_ratios_it_can(capsys):
-    records = bench.main(TINY + ["--cases", "resnet50_fpn_bare", "--warmup", "0"])
-    assert [r.get("case") for r in records] == ["resnet50_fpn_bare"]
+def test_ratios_by_hand_and_only_for_cases_that_ran():
+    def record(name, step_s, mem):
+        return {"case": name, "median_step_s": step_s, "images_per_s": 2 / step_s, "peak_mem_mb": mem}
+
+    yolo = record("anchordet_yolo_r50", 0.5, 300.0)  # 4 images/s
+    retina = record("torchvision_retinanet_r50", 2.0, 600.0)  # 1 image/s
+    bare = record("resnet50_fpn_bare", 0.25, None)  # 8 images/s, memory unknown
+    ratios = bench.ratio_records([yolo, retina, bare])
+    assert ratios == [
+        {"ratio": "anchordet_yolo_r50 / torchvision_retinanet_r50", "images_per_s_ratio": 4.0,
+         "median_step_s_ratio": 0.25, "peak_mem_ratio": 0.5},
+        {"ratio": "anchordet_yolo_r50 / resnet50_fpn_bare", "images_per_s_ratio": 0.5,
+         "median_step_s_ratio": 2.0, "peak_mem_ratio": None},
+    ]
+    assert bench.ratio_records([yolo, bare]) == ratios[1:]
+    assert bench.ratio_records([retina, bare]) == []
 
 
 def test_unknown_case_is_rejected_with_the_known_names(capsys):
