@@ -18,7 +18,9 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from anchordet.data import collate
 from anchordet.data.categories import CategoryMap
+from anchordet.viz import write_prediction_overlays
 from anchordet.evaluation import format_per_class_table, write_results
 from anchordet.module import DetectionModule, read_checkpoint
 from train import build_detector, distributed_job_scope, rerun_ranks_in_this_job
@@ -47,6 +49,22 @@ def rebuild_module(checkpoint: dict, data_overrides: DictConfig | dict | None = 
                              task=saved["task"], run_config=saved["run_config"])
     module.load_state_dict(checkpoint["state_dict"])
     return module, datamodule
+
+
+@torch.no_grad()
+def write_overlays(module: DetectionModule, datamodule, out_dir: Path, num_images: int,
+                   score_threshold: float) -> list[Path]:
+    """PNG pictures of GT and predictions on the first validation images (network-input frame)."""
+    dataset = datamodule.val_dataset
+    samples = [dataset[i] for i in range(min(num_images, len(dataset)))]
+    if not samples:
+        return []
+    images_uint8, targets = collate(samples)
+    device = next(module.parameters()).device
+    images, _ = module.on_after_batch_transfer((images_uint8.to(device), targets))
+    predictions = [{k: v.cpu() for k, v in p.items()} for p in module.detector.predict(images)]
+    class_names = module.category_map.names if module.task == "detection" else None
+    return write_prediction_overlays(images_uint8, predictions, targets, class_names, out_dir, score_threshold)
 
 
 def run_evaluation(cfg: DictConfig) -> dict:
@@ -82,10 +100,13 @@ def run_evaluation(cfg: DictConfig) -> dict:
         metrics["per_class_AP"] = evaluation.per_class_ap
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
 
+    overlays = write_overlays(module, datamodule, output_dir / "overlays", cfg.num_overlays, cfg.overlay_score_threshold)
+
     print(evaluation.summary)
     if module.task == "detection":
         print(format_per_class_table(evaluation.per_class_ap))
-    print(f"wrote {output_dir / results_name} and {output_dir / 'metrics.json'}")
+    print(f"wrote {output_dir / results_name}, {output_dir / 'metrics.json'} and {len(overlays)} overlays "
+          f"in {output_dir / 'overlays'}")
     return metrics
 
 

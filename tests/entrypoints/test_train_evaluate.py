@@ -59,6 +59,11 @@ def test_evaluate_matches_pycocotools_on_written_detections(trained_run, tmp_pat
     assert "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]" in result.stdout
     assert "| class" in result.stdout
     metrics = json.loads((out_dir / "metrics.json").read_text())
+    overlays = sorted((out_dir / "overlays").glob("*.png"))
+    assert len(overlays) == 4  # the tiny val split has 4 images; default num_overlays is 8
+    from PIL import Image
+
+    assert Image.open(overlays[0]).size[0] >= 64
     detections = json.loads((out_dir / "detections.json").read_text())
     annotation_file = metrics["annotation_file"]
     with contextlib.redirect_stdout(io.StringIO()):
