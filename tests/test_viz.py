@@ -6,7 +6,7 @@ import pytest
 import torch
 from torchvision.io import read_image
 
-from anchordet import viz
+from anchordet import plots, viz
 
 RED = (255, 0, 0)
 
@@ -104,19 +104,19 @@ def test_matching_picture_has_a_legend_band():
 
 def test_robust_normalise_uses_percentiles():
     values = torch.arange(101.0)  # 1st percentile = 1, 99th = 99 (linear interpolation)
-    normalised = viz.robust_normalise(values)
+    normalised = plots.robust_normalise(values)
     assert normalised[50].item() == pytest.approx((50 - 1) / 98)
     assert normalised[0].item() == 0.0 and normalised[100].item() == 1.0
     # One hot pixel does not wash out the rest: the bulk keeps its contrast.
     spiky = torch.cat([torch.arange(100.0), torch.tensor([1e6])])
-    assert viz.robust_normalise(spiky)[50].item() > 0.4
+    assert plots.robust_normalise(spiky)[50].item() > 0.4
 
 
 def test_channel_grid_normalises_each_channel_on_its_own():
     feature = torch.rand(16, 8, 8, generator=torch.Generator().manual_seed(0))
     scaled = feature.clone()
     scaled[3] *= 1000.0
-    grid, grid_scaled = viz.channel_grid(feature), viz.channel_grid(scaled)
+    grid, grid_scaled = plots.channel_grid(feature), plots.channel_grid(scaled)
     # 8 px maps -> factor ceil(96 / 8) = 12 -> 96 px tiles; 4 x 4 tiles with 2 px padding: 4*96 + 5*2.
     assert grid.shape == (3, 394, 394)
     assert torch.equal(grid, grid_scaled)
@@ -125,8 +125,8 @@ def test_channel_grid_normalises_each_channel_on_its_own():
 def test_mean_heatmap_uses_the_colormap_ends():
     feature = torch.zeros(2, 4, 4)
     feature[:, :, 2:] = 1.0  # right half hot
-    heat = viz.mean_heatmap(feature, min_side=8)
-    table = viz._colormap_table("inferno")
+    heat = plots.mean_heatmap(feature, min_side=8)
+    table = plots._colormap_table("inferno")
     assert heat.shape == (3, 8, 8)
     assert heat[:, 0, 0].tolist() == table[0].tolist()
     assert heat[:, 0, 7].tolist() == table[255].tolist()
@@ -140,27 +140,27 @@ def test_pca_image_has_three_channels_separates_regions_and_is_stable():
     feature[:, :, :4] = a[:, None, None]
     feature[:, :, 4:] = b[:, None, None]
     feature += 0.01 * torch.randn(32, 8, 8, generator=generator)
-    image = viz.pca_rgb(feature, min_side=8)
+    image = plots.pca_rgb(feature, min_side=8)
     assert image.shape == (3, 8, 8) and image.dtype == torch.uint8
     assert image.float().std() > 0  # not constant
     left, right = image[:, :, :4].float().mean(dim=(1, 2)), image[:, :, 4:].float().mean(dim=(1, 2))
     assert (left - right).abs().max() > 100  # the first component tells the halves apart
-    assert torch.equal(image, viz.pca_rgb(feature, min_side=8))
+    assert torch.equal(image, plots.pca_rgb(feature, min_side=8))
 
 
 def test_plots_render_to_rgb_pictures():
     shapes = [torch.tensor([[10.0, 20.0]]), torch.tensor([[40.0, 30.0]])]
-    scatter = viz.anchor_shape_scatter(torch.rand(50, 2) * 60 + 2, shapes, ["P3", "P4"])
-    histogram = viz.best_iou_histogram(torch.rand(50))
+    scatter = plots.anchor_shape_scatter(torch.rand(50, 2) * 60 + 2, shapes, ["P3", "P4"])
+    histogram = plots.best_iou_histogram(torch.rand(50))
     for picture in (scatter, histogram):
         assert picture.dtype == torch.uint8 and picture.shape[0] == 3 and picture.float().std() > 0
 
 
 def test_precision_recall_figure_skips_classes_without_ground_truth():
     precision = np.full((10, 101, 3, 4, 3), -1.0)
-    assert viz.precision_recall_figure(precision, ["a", "b", "c"]) is None
+    assert plots.precision_recall_figure(precision, ["a", "b", "c"]) is None
     precision[:, :, 1] = np.linspace(1.0, 0.0, 101)[None, :, None, None]
-    picture = viz.precision_recall_figure(precision, ["a", "b", "c"])
+    picture = plots.precision_recall_figure(precision, ["a", "b", "c"])
     assert picture is not None and picture.shape[0] == 3
 
 

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from torchvision.ops import box_iou
 
-from anchordet import viz
+from anchordet import plots, viz
 from anchordet.anchors.kmeans import fitness_report, shape_iou
 from anchordet.callbacks import PictureCallback, level_names_of
 from anchordet.matching import BETWEEN_THRESHOLDS, pad_targets
@@ -144,9 +144,9 @@ class AnchorPictures(PictureCallback):
         report = fitness_report(box_wh, shapes)
         writer.add_scalar("anchors/mean_best_iou", report["mean_best_iou"], step)
         writer.add_scalar("anchors/best_possible_recall", report["best_possible_recall"], step)
-        writer.add_image("anchors/gt_size_scatter", viz.anchor_shape_scatter(box_wh, shapes, names), step)
+        writer.add_image("anchors/gt_size_scatter", plots.anchor_shape_scatter(box_wh, shapes, names), step)
         best_iou = shape_iou(box_wh, torch.cat(shapes)).amax(dim=1) if box_wh.shape[0] else box_wh.new_zeros(0)
-        writer.add_image("anchors/best_iou_histogram", viz.best_iou_histogram(best_iou), step)
+        writer.add_image("anchors/best_iou_histogram", plots.best_iou_histogram(best_iou), step)
 
     def _draw_matching(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         writer, step = self.writer(trainer), trainer.global_step

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import lightning as L
 from torch import Tensor
 
-from anchordet import viz
+from anchordet import plots, viz
 from anchordet.callbacks import PictureCallback
 
 
@@ -92,7 +92,7 @@ class FeatureMapPictures(PictureCallback):
             writer.add_image("features/input", viz.upscale(self._image[0], self.min_side)[0], step)
             for name, feature in self.capture(pl_module, images).items():
                 feature = feature[0].float().cpu()  # [C, Hl, Wl]; the batch holds one image
-                writer.add_image(f"features/{name}/channels", viz.channel_grid(feature, self.num_channels), step)
-                writer.add_image(f"features/{name}/mean", viz.mean_heatmap(feature, self.min_side), step)
-                writer.add_image(f"features/{name}/pca", viz.pca_rgb(feature, self.min_side), step)
+                writer.add_image(f"features/{name}/channels", plots.channel_grid(feature, self.num_channels), step)
+                writer.add_image(f"features/{name}/mean", plots.mean_heatmap(feature, self.min_side), step)
+                writer.add_image(f"features/{name}/pca", plots.pca_rgb(feature, self.min_side), step)
                 writer.add_histogram(f"features/{name}/activations", feature.flatten(), step)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import lightning as L
 from torch import Tensor
 
-from anchordet import viz
+from anchordet import plots, viz
 from anchordet.callbacks import PictureCallback
 from anchordet.evaluation import format_per_class_table
 
@@ -90,7 +90,7 @@ class PredictionPictures(PictureCallback):
         table = getattr(pl_module, "last_per_class_table", None) or format_per_class_table(evaluation.per_class_ap)
         writer.add_text("predictions/per_class_ap", "AP@[.5:.95], area all, maxDets 100\n\n" + table, step)
         if self.pr_curves and evaluation.precision is not None:
-            figure = viz.precision_recall_figure(evaluation.precision, list(pl_module.category_map.names),
+            figure = plots.precision_recall_figure(evaluation.precision, list(pl_module.category_map.names),
                                                  max_classes=self.max_pr_classes)
             if figure is not None:
                 writer.add_image("predictions/pr_curves", figure, step)
