@@ -304,7 +304,7 @@ def draw_detections(
     return add_band(picture, legend=legend)
 
 
-def classclass_name(class_names: Sequence[str], label: int) -> str:
+def class_name(class_names: Sequence[str], label: int) -> str:
     return class_names[label] if 0 <= label < len(class_names) else str(label)
 
 
