@@ -51,7 +51,7 @@ def build_detector(cfg: DictConfig, anchor_shapes_per_level: list[torch.Tensor],
         backbone_cfg = OmegaConf.merge(backbone_cfg, {"weights": None})
     backbone = instantiate(backbone_cfg)
     return assemble_detector(backbone, instantiate(cfg.head), anchor_shapes_per_level,
-                             instantiate(cfg.matcher), num_classes)
+                             instantiate(cfg.matcher), num_classes, anchor_offset=cfg.get("anchor_offset", 0.5))
 
 
 def fit_anchors(cfg: DictConfig, datamodule, num_levels: int) -> tuple[list[torch.Tensor], dict]:
