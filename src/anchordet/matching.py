@@ -7,7 +7,8 @@ Boxes are xyxy in network-input pixels.
 
 - :func:`pad_targets`: list of per-image targets -> padded ``[B, M, ...]`` tensors and a mask.
 - :class:`YoloMatcher`: YOLOv2/v3 assignment by best *shape* IoU, one cell per GT.
-- (An IoU-threshold matcher with a balanced sampler for the RPN belongs here as well.)
+- :func:`match_iou_matrix` / :class:`IoUMatcher`: IoU-threshold matching of the Faster R-CNN RPN.
+- :class:`BalancedSampler`: a fixed number of anchors per image, at most a fraction positive.
 """
 
 from __future__ import annotations
@@ -17,10 +18,15 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from torchvision.ops import box_iou
+
 from anchordet.anchors.kmeans import shape_iou
+from anchordet.anchors.placement import AnchorGrid
 from anchordet.boxes import box_wh
 
 UNMATCHED = -1
+# torchvision's Matcher convention for anchors between the IoU thresholds: neither fg nor bg.
+BETWEEN_THRESHOLDS = -2
 
 
 def pad_targets(targets: Sequence[dict]) -> tuple[Tensor, Tensor, Tensor]:
@@ -160,3 +166,188 @@ class YoloMatcher:
         # Winning targets are unique, so this plain indexed write has no ordering ambiguity.
         matched[target_sorted[first]] = gt_of_claim[order][first]
         return matched.view(num_images, num_anchors)
+
+
+# ---------------------------------------------------------------------------------------------------
+# IoU-threshold matching and balanced sampling (Faster R-CNN RPN: Ren et al., "Faster R-CNN", 2015)
+# ---------------------------------------------------------------------------------------------------
+
+FOREGROUND, BACKGROUND, IGNORE = 1, 0, -1
+
+
+def match_iou_matrix(
+    iou: Tensor,
+    gt_mask: Tensor | None = None,
+    fg_iou: float = 0.7,
+    bg_iou: float = 0.3,
+    allow_low_quality: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """Threshold an anchor x GT IoU matrix: ``iou [B, N, M]`` or ``[N, M]``, ``gt_mask [B, M]`` / ``[M]``.
+
+    Every anchor takes its highest-IoU GT (ties: the lower slot). It is foreground when that IoU is
+    ``>= fg_iou``, background when ``< bg_iou`` and ignored in between (Faster R-CNN, section 3.1.2).
+    With ``allow_low_quality`` every GT also makes the anchors of its own highest IoU foreground,
+    even below ``fg_iou`` and all of them on a tie, so no GT is left without a positive; such an
+    anchor learns its highest-IoU GT, which is not always the GT that promoted it (torchvision and
+    Detectron2 do the same). Unlike those, a GT that overlaps no anchor at all (best IoU 0) promotes
+    nothing: otherwise every anchor would tie at 0 and turn positive.
+
+    Padding slots (``gt_mask`` False) never match: their IoU is replaced by -1 before anything else.
+
+    Returns ``matched_gt [B, N]`` (or ``[N]``) int64 -- the GT slot for foreground, -1 (UNMATCHED)
+    for background, -2 (BETWEEN_THRESHOLDS) for ignored, torchvision's ``Matcher`` convention --
+    and ``labels`` of the same shape: 1 foreground, 0 background, -1 ignored.
+    """
+    if not 0.0 <= bg_iou <= fg_iou <= 1.0:
+        raise ValueError(f"matcher needs 0 <= bg_iou <= fg_iou <= 1, got bg_iou={bg_iou}, fg_iou={fg_iou}")
+    unbatched = iou.ndim == 2
+    if unbatched:
+        iou = iou[None]
+        gt_mask = None if gt_mask is None else gt_mask[None]
+    if iou.ndim != 3:
+        raise ValueError(f"iou must be [B, N, M] or [N, M], got {tuple(iou.shape)}")
+    num_images, num_anchors, num_slots = iou.shape
+    if gt_mask is None:
+        gt_mask = torch.ones((num_images, num_slots), dtype=torch.bool, device=iou.device)
+    if num_slots == 0:
+        matched = torch.full((num_images, num_anchors), UNMATCHED, dtype=torch.long, device=iou.device)
+    else:
+        # NaN (0/0 of two empty boxes) and padding both become -1: below any threshold, never a best GT.
+        iou = iou.float().nan_to_num(0.0).masked_fill(~gt_mask[:, None, :], -1.0)
+        best_iou, best_gt = iou.max(dim=2)  # [B, N]; max returns the first maximal index on ties
+        matched = torch.where(best_iou >= fg_iou, best_gt, torch.full_like(best_gt, UNMATCHED))
+        matched = torch.where((best_iou >= bg_iou) & (best_iou < fg_iou), BETWEEN_THRESHOLDS, matched)
+        if allow_low_quality:
+            best_per_gt = iou.amax(dim=1, keepdim=True)  # [B, 1, M]
+            # [B, N, M] -> [B, N]: an anchor holding some real GT's highest IoU (> 0), ties included.
+            is_gt_best = ((iou == best_per_gt) & (best_per_gt > 0)).any(dim=2)
+            matched = torch.where(is_gt_best, best_gt, matched)
+    labels = torch.full_like(matched, BACKGROUND)
+    labels = torch.where(matched >= 0, FOREGROUND, torch.where(matched == BETWEEN_THRESHOLDS, IGNORE, labels))
+    if unbatched:
+        return matched[0], labels[0]
+    return matched, labels
+
+
+class IoUMatcher:
+    """IoU between every placed anchor and every GT box, thresholded by :func:`match_iou_matrix`.
+
+    Args:
+        fg_iou, bg_iou: foreground ``>= fg_iou``, background ``< bg_iou``, ignored in between.
+        allow_low_quality: each GT also keeps its highest-IoU anchors (see ``match_iou_matrix``).
+        ignore_cross_boundary: anchors not fully inside the input image get label -1 (ignored), as
+            the Faster R-CNN paper trains; needs ``image_size``. Off by default, as in torchvision
+            and Detectron2, which train on every anchor.
+
+    ``__call__(anchor_boxes [N, 4], gt_boxes [B, M, 4], gt_mask [B, M], image_size=None)`` with
+    boxes xyxy in input pixels and ``image_size`` an int or ``(height, width)`` returns
+    ``(matched_gt [B, N], labels [B, N])``, see ``match_iou_matrix``; ignored cross-boundary anchors
+    get ``matched_gt = -2`` as well, so ``matched_gt >= 0`` always equals ``labels == 1``.
+
+    For code written against the ``YoloMatcher`` contract, the grid form ``(gt_boxes, gt_mask,
+    shapes_per_level, strides, grid_sizes)`` (five positional arguments) is accepted too: the
+    anchors are placed at cell centres (offset 0.5, the ``Detector`` default) first. The RPN head
+    always passes its own placed anchors.
+    """
+
+    def __init__(
+        self,
+        fg_iou: float = 0.7,
+        bg_iou: float = 0.3,
+        allow_low_quality: bool = True,
+        ignore_cross_boundary: bool = False,
+    ) -> None:
+        if not 0.0 <= float(bg_iou) <= float(fg_iou) <= 1.0:
+            raise ValueError(
+                f"matcher.bg_iou={bg_iou} and matcher.fg_iou={fg_iou}: need 0 <= bg_iou <= fg_iou <= 1"
+            )
+        self.fg_iou, self.bg_iou = float(fg_iou), float(bg_iou)
+        self.allow_low_quality = bool(allow_low_quality)
+        self.ignore_cross_boundary = bool(ignore_cross_boundary)
+
+    def __call__(self, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        if len(args) == 5 and not kwargs:
+            gt_boxes, gt_mask, shapes_per_level, strides, grid_sizes = args
+            anchors = AnchorGrid.build(shapes_per_level, strides, grid_sizes, device=gt_boxes.device)
+            return self.match(anchors.boxes, gt_boxes, gt_mask)
+        return self.match(*args, **kwargs)
+
+    def match(
+        self,
+        anchor_boxes: Tensor,
+        gt_boxes: Tensor,
+        gt_mask: Tensor,
+        image_size: int | tuple[int, int] | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """anchor_boxes [N, 4], gt_boxes [B, M, 4] (xyxy input px), gt_mask [B, M] -> (matched_gt, labels) [B, N]."""
+        if anchor_boxes.ndim != 2 or anchor_boxes.shape[-1] != 4:
+            raise ValueError(f"IoUMatcher: anchor_boxes must be [N, 4] xyxy, got {tuple(anchor_boxes.shape)}")
+        if gt_boxes.ndim != 3 or gt_mask.shape != gt_boxes.shape[:2]:
+            raise ValueError(
+                f"IoUMatcher: gt_boxes must be [B, M, 4] with gt_mask [B, M], got "
+                f"{tuple(gt_boxes.shape)} and {tuple(gt_mask.shape)}"
+            )
+        # (N, 4) -> (1, N, 4): box_iou broadcasts the leading dim, one [B, N, M] matrix for the batch.
+        iou = box_iou(anchor_boxes.float()[None], gt_boxes.float())
+        matched, labels = match_iou_matrix(iou, gt_mask, self.fg_iou, self.bg_iou, self.allow_low_quality)
+        if self.ignore_cross_boundary:
+            if image_size is None:
+                raise ValueError("matcher.ignore_cross_boundary=true needs the image size; pass image_size")
+            height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+            inside = (
+                (anchor_boxes[:, 0] >= 0)
+                & (anchor_boxes[:, 1] >= 0)
+                & (anchor_boxes[:, 2] <= width)
+                & (anchor_boxes[:, 3] <= height)
+            )  # [N], broadcast over the batch below
+            matched = torch.where(inside, matched, BETWEEN_THRESHOLDS)
+            labels = torch.where(inside, labels, IGNORE)
+        return matched, labels
+
+
+class BalancedSampler:
+    """Pick ``batch_size_per_image`` anchors per image, at most ``positive_fraction`` of them positive.
+
+    Faster R-CNN trains the RPN on 256 anchors per image with up to half positives; when an image
+    has fewer positives, negatives fill the rest (and when it has fewer anchors, all are taken).
+
+    ``__call__(labels [B, N], generator=None) -> (sampled_positive [B, N], sampled_negative [B, N])``
+    bool, with labels 1 / 0 / -1 as from :func:`match_iou_matrix`; ignored anchors are never drawn.
+    Vectorised over the batch: every anchor gets one uniform random score, and ``topk`` over the
+    scores of the candidates gives a random subset per image without a Python loop. ``generator``
+    (on the labels' device) makes the draw reproducible; None uses torch's global generator.
+    """
+
+    def __init__(self, batch_size_per_image: int = 256, positive_fraction: float = 0.5) -> None:
+        if int(batch_size_per_image) < 1:
+            raise ValueError(f"head.batch_size_per_image must be >= 1, got {batch_size_per_image}")
+        if not 0.0 <= float(positive_fraction) <= 1.0:
+            raise ValueError(f"head.positive_fraction must be in [0, 1], got {positive_fraction}")
+        self.batch_size_per_image = int(batch_size_per_image)
+        self.positive_fraction = float(positive_fraction)
+
+    @property
+    def max_positives(self) -> int:
+        return int(self.batch_size_per_image * self.positive_fraction)
+
+    def __call__(self, labels: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        if labels.ndim != 2:
+            raise ValueError(f"BalancedSampler: labels must be [B, N], got {tuple(labels.shape)}")
+        positive, negative = labels == FOREGROUND, labels == BACKGROUND
+        num_positive = positive.sum(dim=1).clamp(max=self.max_positives)  # [B]
+        num_negative = torch.minimum(negative.sum(dim=1), self.batch_size_per_image - num_positive)  # [B]
+        scores = torch.rand(labels.shape, generator=generator, device=labels.device)
+        return (
+            self._pick(scores, positive, num_positive, self.max_positives),
+            self._pick(scores, negative, num_negative, self.batch_size_per_image),
+        )
+
+    @staticmethod
+    def _pick(scores: Tensor, candidates: Tensor, counts: Tensor, limit: int) -> Tensor:
+        """The ``counts[b]`` candidates of image b with the highest random scores, as a [B, N] mask."""
+        limit = min(limit, scores.shape[1])
+        # Non-candidates score -1 < any uniform draw, so the top `counts[b] <= #candidates` entries
+        # of each row are candidates, in random order.
+        top = scores.masked_fill(~candidates, -1.0).topk(limit, dim=1).indices  # [B, limit]
+        take = torch.arange(limit, device=scores.device)[None, :] < counts[:, None]  # [B, limit]
+        return torch.zeros_like(candidates).scatter_(1, top, take)

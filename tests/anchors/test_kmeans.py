@@ -148,3 +148,18 @@ def test_kmeans_anchors_ignores_corrupt_cache(tmp_path, caplog):
     assert "unreadable" in caplog.text
     assert [s.shape for s in shapes] == [(0, 2), (3, 2)]
     assert len(json.loads(cache_file.read_text())["shapes_per_level"][1]) == 3
+
+
+def test_k_none_means_k_per_level_times_the_levels_and_explicit_k_wins(tmp_path):
+    _, boxes = _planted()
+    five = KMeansAnchors(k=None, k_per_level=3).build(boxes, num_levels=5)
+    assert [len(s) for s in five] == [3] * 5  # 15 on P2-P6
+    three = KMeansAnchors(k=None, k_per_level=3)
+    assert [len(s) for s in three.build(boxes, num_levels=3)] == [3, 3, 3]  # 9 on P3-P5
+    # Same clustering as an explicit k=9, so the same cache file serves both.
+    assert three.cache_key(3, 900, "fp") == KMeansAnchors(k=9).cache_key(3, 900, "fp")
+    assert three.cache_key(5, 900, "fp") == KMeansAnchors(k=15).cache_key(5, 900, "fp")
+    assert [len(s) for s in KMeansAnchors(k=10, k_per_level=3).build(boxes, num_levels=5)] == [2] * 5
+    assert [len(s) for s in KMeansAnchors(k=None, k_per_level=2, single_level=True).build(boxes, num_levels=3)] == [0, 0, 6]
+    with pytest.raises(ValueError, match="anchor.k_per_level"):
+        KMeansAnchors(k=None, k_per_level=None)

@@ -255,19 +255,30 @@ class KMeansAnchors:
     trainer can log what k-means bought over the grid baseline (``baseline_sizes_per_level`` x
     ``baseline_aspect_ratios``; default one RetinaNet-style size ``4 * stride`` per level, strides
     8, 16, ...).
+
+    ``k`` is the total number of clusters; ``k=None`` means ``k_per_level`` times the number of
+    pyramid levels the backbone returns (3 x 3 = 9 on P3-P5, 3 x 5 = 15 on P2-P6), so one anchor
+    config serves both the single-stage head and the RPN. An explicit ``k`` always wins.
     """
 
     def __init__(
         self,
-        k: int = 9,
+        k: int | None = 9,
         seed: int = 0,
         max_iter: int = 300,
         single_level: bool = False,
         cache_dir: str | os.PathLike | None = None,
         baseline_sizes_per_level: list[list[float]] | None = None,
         baseline_aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0),
+        k_per_level: int | None = 3,
     ) -> None:
-        self.k = int(k)
+        if k is None and (k_per_level is None or int(k_per_level) < 1):
+            raise ValueError(
+                f"anchor.k is null, so anchor.k_per_level must be a positive integer, got {k_per_level}; "
+                "set one of them"
+            )
+        self.k = None if k is None else int(k)
+        self.k_per_level = None if k_per_level is None else int(k_per_level)
         self.seed = int(seed)
         self.max_iter = int(max_iter)
         self.single_level = bool(single_level)
@@ -276,10 +287,16 @@ class KMeansAnchors:
         self.baseline_aspect_ratios = tuple(float(r) for r in baseline_aspect_ratios)
         self.last_report: dict = {}
 
+    def total_k(self, num_levels: int) -> int:
+        """Clusters for a backbone with ``num_levels`` levels: ``k``, or ``k_per_level * num_levels``."""
+        return self.k if self.k is not None else self.k_per_level * int(num_levels)
+
     def cache_key(self, num_levels: int, num_boxes: int, fingerprint: str = "") -> str:
+        # The resolved k, not the raw setting: k=9 and k=None with 3 per level on 3 levels are the
+        # same clustering and share the cache file (written before k_per_level existed, too).
         settings = {
             "fingerprint": fingerprint,
-            "k": self.k,
+            "k": self.total_k(num_levels),
             "seed": self.seed,
             "max_iter": self.max_iter,
             "single_level": self.single_level,
@@ -296,9 +313,9 @@ class KMeansAnchors:
             logger.warning("ignoring unreadable k-means anchor cache %s (%s); recomputing", path, error)
             return None
 
-    def _save(self, path: Path, shapes_per_level: list[Tensor], settings_key: str) -> None:
+    def _save(self, path: Path, shapes_per_level: list[Tensor], settings_key: str, k: int) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"key": settings_key, "k": self.k, "seed": self.seed,
+        payload = {"key": settings_key, "k": k, "seed": self.seed,
                    "shapes_per_level": [s.tolist() for s in shapes_per_level]}
         # Write-then-rename: DDP ranks or sweep jobs building at once never see a half-written file.
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
@@ -309,6 +326,7 @@ class KMeansAnchors:
     def build(self, box_wh: Tensor, num_levels: int, fingerprint: str = "") -> list[Tensor]:
         """Anchor shapes per level ``list[Tensor[A, 2]]`` (w, h) for the train boxes ``box_wh [N, 2]``."""
         _check_wh(box_wh, "box_wh")
+        k = self.total_k(num_levels)
         key = self.cache_key(num_levels, box_wh.shape[0], fingerprint)
         path = self.cache_dir / f"kmeans_anchors_{key}.json" if self.cache_dir is not None else None
         shapes_per_level = self._load(path) if path is not None and path.exists() else None
@@ -316,10 +334,10 @@ class KMeansAnchors:
         if from_cache:
             logger.info("loaded k-means anchors from cache %s", path)
         else:
-            shapes = kmeans_anchor_shapes(box_wh, k=self.k, seed=self.seed, max_iter=self.max_iter)
+            shapes = kmeans_anchor_shapes(box_wh, k=k, seed=self.seed, max_iter=self.max_iter)
             shapes_per_level = split_over_levels(shapes, num_levels, self.single_level)
             if path is not None:
-                self._save(path, shapes_per_level, key)
+                self._save(path, shapes_per_level, key, k)
                 logger.info("saved k-means anchors to cache %s", path)
 
         from anchordet.anchors.grid import grid_anchor_shapes  # local: grid.py imports this module
@@ -348,7 +366,7 @@ class KMeansAnchors:
             "  k-means: mean best IoU %.3f, best possible recall (IoU>=0.5) %.3f with %d anchors\n"
             "  grid   : mean best IoU %.3f, best possible recall (IoU>=0.5) %.3f with %d anchors\n"
             "  gain   : %+.3f mean best IoU, %+.3f recall over %d boxes",
-            self.k, self.seed, shapes_text,
+            sum(len(level) for level in shapes_per_level), self.seed, shapes_text,
             km["mean_best_iou"], km["best_possible_recall"], km["num_anchors"],
             grid["mean_best_iou"], grid["best_possible_recall"], grid["num_anchors"],
             report["gain_mean_best_iou"], report["gain_best_possible_recall"], km["num_boxes"],

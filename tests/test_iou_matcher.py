@@ -1,0 +1,175 @@
+"""IoU-threshold matcher and balanced sampler of the RPN: hand-made IoU matrices, torchvision's
+Matcher on random boxes, padding, cross-boundary anchors and sampler counts."""
+
+import pytest
+import torch
+from torchvision.models.detection._utils import Matcher as TorchvisionMatcher
+from torchvision.ops import box_iou
+
+from anchordet.anchors import AnchorGrid
+from anchordet.anchors.grid import grid_anchor_shapes
+from anchordet.matching import BalancedSampler, IoUMatcher, match_iou_matrix, pad_targets
+
+# Rows are anchors a0..a3, columns GTs g0..g2. Column maxima: g0 0.9 (a0), g1 0.4 (a1), g2 0.25 (a3).
+HAND_IOU = torch.tensor(
+    [
+        [0.90, 0.00, 0.10],  # best 0.9 >= 0.7            -> foreground g0
+        [0.50, 0.40, 0.00],  # best 0.5 in [0.3, 0.7)     -> ignored; holds g1's best (0.4) -> low quality
+        [0.35, 0.20, 0.00],  # best 0.35 in the band      -> ignored, best of no GT
+        [0.00, 0.10, 0.25],  # best 0.25 < 0.3            -> background; holds g2's best -> low quality
+    ]
+)
+
+
+def test_hand_made_matrix_thresholds_and_ignore_band():
+    matched, labels = match_iou_matrix(HAND_IOU, allow_low_quality=False)
+    assert matched.tolist() == [0, -2, -2, -1]
+    assert labels.tolist() == [1, -1, -1, 0]
+
+
+def test_hand_made_matrix_low_quality_matches():
+    matched, labels = match_iou_matrix(HAND_IOU, allow_low_quality=True)
+    # a1 is promoted by g1 but learns its own best GT, g0 (0.5 > 0.4); a3 is promoted by and learns g2.
+    assert matched.tolist() == [0, 0, -2, 2]
+    assert labels.tolist() == [1, 1, -1, 1]
+
+
+def test_thresholds_are_inclusive_for_foreground_and_background_band():
+    iou = torch.tensor([[0.7], [0.6999], [0.3], [0.2999], [1.0]])
+    matched, labels = match_iou_matrix(iou, allow_low_quality=False)
+    assert labels.tolist() == [1, -1, -1, 0, 1]
+    assert matched.tolist() == [0, -2, -2, -1, 0]
+
+
+def test_low_quality_ties_are_all_kept_and_a_gt_without_overlap_promotes_nothing():
+    iou = torch.tensor([[0.5, 0.0], [0.5, 0.0], [0.2, 0.0]])
+    matched, labels = match_iou_matrix(iou)
+    # g0's best 0.5 is held by a0 and a1 (a tie): both positive. g1 overlaps nothing: with its best at
+    # 0 every anchor would "hold" it; torchvision would then turn a2 positive too, we do not.
+    assert labels.tolist() == [1, 1, 0]
+    assert matched.tolist() == [0, 0, -1]
+
+
+def test_padding_slots_never_match_even_with_high_iou():
+    iou = HAND_IOU.clone()
+    iou[:, 2] = torch.tensor([0.1, 0.0, 0.95, 0.25])  # g2 is padding: 0.95 must not count
+    mask = torch.tensor([True, True, False])
+    matched, labels = match_iou_matrix(iou, mask)
+    # Without g2: a2 keeps 0.35 (ignored), a3's best real IoU is 0.1 -> background.
+    assert matched.tolist() == [0, 0, -2, -1]
+    assert labels.tolist() == [1, 1, -1, 0]
+    # Batched form, an all-padding image: everything background.
+    batch = torch.stack([iou, iou])
+    masks = torch.stack([mask, torch.zeros(3, dtype=torch.bool)])
+    matched, labels = match_iou_matrix(batch, masks)
+    assert matched.shape == (2, 4)
+    assert matched[1].tolist() == [-1] * 4 and labels[1].tolist() == [0] * 4
+    assert matched[0].tolist() == [0, 0, -2, -1]
+
+
+def test_zero_gt_slots_and_bad_thresholds():
+    matched, labels = match_iou_matrix(torch.zeros(2, 5, 0))
+    assert matched.shape == (2, 5) and (labels == 0).all()
+    with pytest.raises(ValueError, match="bg_iou"):
+        IoUMatcher(fg_iou=0.3, bg_iou=0.7)
+
+
+def _random_boxes(n: int, generator: torch.Generator, extent: float = 200.0) -> torch.Tensor:
+    xy = extent * torch.rand(n, 2, generator=generator)
+    return torch.cat([xy, xy + 8 + 90 * torch.rand(n, 2, generator=generator)], dim=1)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_equals_torchvision_matcher_on_random_boxes(seed):
+    g = torch.Generator().manual_seed(seed)
+    anchors = _random_boxes(400, g)
+    counts = [7, 0, 3]  # an image without boxes in the middle
+    targets = []
+    for count in counts:
+        boxes = _random_boxes(count, g)
+        # torchvision lets a GT without any overlap promote every anchor (see the test above);
+        # keep GTs that overlap some anchor so both define the same matching.
+        if count:
+            boxes = boxes[box_iou(boxes, anchors).amax(dim=1) > 0]
+        targets.append({"boxes": boxes, "labels": torch.zeros(len(boxes), dtype=torch.long)})
+    gt_boxes, _, gt_mask = pad_targets(targets)
+    matched, labels = IoUMatcher()(anchors, gt_boxes, gt_mask)
+    reference = TorchvisionMatcher(0.7, 0.3, allow_low_quality_matches=True)
+    for image, target in enumerate(targets):
+        if len(target["boxes"]) == 0:
+            assert (matched[image] == -1).all()
+            continue
+        expected = reference(box_iou(target["boxes"], anchors))  # [N]: index, -1 below, -2 between
+        assert torch.equal(matched[image], expected), f"image {image}"
+        expected_labels = torch.where(expected >= 0, 1, torch.where(expected == -1, 0, -1))
+        assert torch.equal(labels[image], expected_labels)
+    assert (labels[0] == 1).any() and (labels[0] == -1).any() and (labels[0] == 0).any()
+
+
+def test_cross_boundary_anchors_are_ignored_only_when_asked():
+    anchors = torch.tensor([[0.0, 0.0, 20.0, 20.0], [-5.0, 0.0, 15.0, 20.0], [40.0, 40.0, 65.0, 60.0]])
+    gt_boxes = torch.tensor([[[0.0, 0.0, 20.0, 20.0]]])
+    gt_mask = torch.tensor([[True]])
+    matched, labels = IoUMatcher()(anchors, gt_boxes, gt_mask, image_size=64)
+    # IoU of a1 with the GT: inter 15*20 = 300, union 400 + 400 - 300 = 500 -> 0.6 (ignore band).
+    assert labels.tolist() == [[1, -1, 0]]
+    matched, labels = IoUMatcher(ignore_cross_boundary=True)(anchors, gt_boxes, gt_mask, image_size=(64, 64))
+    assert labels.tolist() == [[1, -1, -1]] and matched.tolist() == [[0, -2, -2]]  # a2 reaches x = 65 > 64
+    with pytest.raises(ValueError, match="image size"):
+        IoUMatcher(ignore_cross_boundary=True)(anchors, gt_boxes, gt_mask)
+
+
+def test_grid_form_equals_placed_anchors_at_cell_centres():
+    shapes = grid_anchor_shapes([[16.0], [32.0]], [0.5, 1.0, 2.0])
+    strides, grid_sizes = [8, 16], [(4, 4), (2, 2)]
+    gt_boxes = torch.tensor([[[4.0, 4.0, 20.0, 24.0], [0.0, 0.0, 0.0, 0.0]]])
+    gt_mask = torch.tensor([[True, False]])
+    matcher = IoUMatcher()
+    placed = AnchorGrid.build(shapes, strides, grid_sizes, offset=0.5).boxes
+    by_grid = matcher(gt_boxes, gt_mask, shapes, strides, grid_sizes)
+    by_boxes = matcher(placed, gt_boxes, gt_mask)
+    assert all(torch.equal(a, b) for a, b in zip(by_grid, by_boxes))
+    assert (by_boxes[1] == 1).any()
+
+
+# ------------------------------------------------------------------ sampler
+def _labels(num_positive: int, num_negative: int, num_ignored: int, generator: torch.Generator) -> torch.Tensor:
+    labels = torch.tensor([1] * num_positive + [0] * num_negative + [-1] * num_ignored)
+    return labels[torch.randperm(len(labels), generator=generator)]
+
+
+def test_sampler_counts_caps_and_keeps_all_scarce_positives():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.stack([
+        _labels(300, 3000, 100, g),  # many positives: 128 + 128
+        _labels(10, 3000, 390, g),   # few positives: all 10 + 246 negatives
+        _labels(0, 3000, 400, g),    # none: 256 negatives
+        _labels(5, 20, 3375, g),     # fewer than 256 candidates: all 25
+    ])
+    positive, negative = BalancedSampler(256, 0.5)(labels, generator=torch.Generator().manual_seed(1))
+    assert positive.sum(dim=1).tolist() == [128, 10, 0, 5]
+    assert negative.sum(dim=1).tolist() == [128, 246, 256, 20]
+    assert (labels[positive] == 1).all() and (labels[negative] == 0).all()
+    assert not (positive & negative).any()
+    assert positive[1].sum() == (labels[1] == 1).sum()
+
+
+def test_sampler_is_random_but_seedable():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.stack([_labels(300, 3000, 0, g)] * 2)
+    sampler = BalancedSampler(64, 0.25)
+    first = sampler(labels, generator=torch.Generator().manual_seed(5))
+    again = sampler(labels, generator=torch.Generator().manual_seed(5))
+    other = sampler(labels, generator=torch.Generator().manual_seed(6))
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not torch.equal(first[0], other[0])
+    # The two identical images of one call get different draws (independent scores per image).
+    assert not torch.equal(first[0][0], first[0][1])
+    assert first[0].sum(dim=1).tolist() == [16, 16] and first[1].sum(dim=1).tolist() == [48, 48]
+
+
+def test_sampler_rejects_bad_settings():
+    with pytest.raises(ValueError, match="batch_size_per_image"):
+        BalancedSampler(0)
+    with pytest.raises(ValueError, match="positive_fraction"):
+        BalancedSampler(256, 1.5)
