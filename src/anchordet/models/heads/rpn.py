@@ -50,6 +50,7 @@ from torchvision.ops import batched_nms, clip_boxes_to_image
 
 from anchordet.boxes import RcnnDeltaCoder
 from anchordet.matching import BalancedSampler
+from anchordet.models.heads.common import anchors_per_level
 
 NUM_BOX_OUTPUTS = 4  # dx, dy, dw, dh
 OBJECTNESS_INDEX = 4
@@ -102,16 +103,7 @@ class RpnHead(nn.Module):
     ) -> None:
         super().__init__()
         del num_classes  # class-agnostic: every proposal is "object"
-        if num_levels < 1:
-            raise ValueError(f"RpnHead needs at least one level, got num_levels={num_levels}")
-        if isinstance(num_anchors, int):
-            num_anchors = [num_anchors] * num_levels
-        self.num_anchors_per_level = [int(a) for a in num_anchors]
-        if len(self.num_anchors_per_level) != num_levels or min(self.num_anchors_per_level) < 1:
-            raise ValueError(
-                f"RpnHead num_anchors={list(num_anchors)} must give at least one anchor for each of "
-                f"the num_levels={num_levels} levels"
-            )
+        self.num_anchors_per_level = anchors_per_level(num_anchors, num_levels, "RpnHead")
         if share_predictors and len(set(self.num_anchors_per_level)) != 1:
             raise ValueError(
                 f"head.share_predictors=true needs the same number of anchors on every level, got "

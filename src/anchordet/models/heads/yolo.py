@@ -50,6 +50,7 @@ from torchvision.ops import (
 )
 
 from anchordet.boxes import YoloBoxCoder
+from anchordet.models.heads.common import anchors_per_level
 
 BOX_LOSSES = ("giou", "diou", "ciou", "l1")
 IOU_BOX_LOSSES = {
@@ -123,16 +124,7 @@ class YoloHead(nn.Module):
         box_coder: YoloBoxCoder | None = None,
     ) -> None:
         super().__init__()
-        if num_levels < 1:
-            raise ValueError(f"YoloHead needs at least one level, got num_levels={num_levels}")
-        if isinstance(num_anchors, int):
-            num_anchors = [num_anchors] * num_levels
-        self.num_anchors_per_level = [int(a) for a in num_anchors]
-        if len(self.num_anchors_per_level) != num_levels or min(self.num_anchors_per_level) < 1:
-            raise ValueError(
-                f"YoloHead num_anchors={list(num_anchors)} must give at least one anchor for each of "
-                f"the num_levels={num_levels} levels"
-            )
+        self.num_anchors_per_level = anchors_per_level(num_anchors, num_levels, "YoloHead")
         if num_classes < 1:
             raise ValueError(f"YoloHead num_classes must be >= 1, got {num_classes}")
         if box_loss not in BOX_LOSSES:
