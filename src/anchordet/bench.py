@@ -48,10 +48,11 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
-from anchordet.anchors import split_over_levels
+from anchordet.anchors import grid_anchor_shapes, split_over_levels
 from anchordet.assembly import assemble_detector
-from anchordet.matching import YoloMatcher
+from anchordet.matching import IoUMatcher, YoloMatcher
 from anchordet.models.backbone import ResNetFPN
+from anchordet.models.heads.rpn import RpnHead
 from anchordet.models.heads.yolo import YoloHead
 from anchordet.module import IMAGENET_MEAN, IMAGENET_STD
 
@@ -61,7 +62,8 @@ YOLOV3_ANCHORS_416 = ((10, 13), (16, 30), (33, 23), (30, 61), (62, 45), (59, 119
 BOXES_PER_IMAGE = 4
 SEED = 0
 # (numerator, denominator) pairs reported as ratio lines when both cases ran.
-RATIOS = (("anchordet_yolo_r50", "torchvision_retinanet_r50"), ("anchordet_yolo_r50", "resnet50_fpn_bare"))
+RATIOS = (("anchordet_yolo_r50", "torchvision_retinanet_r50"), ("anchordet_yolo_r50", "resnet50_fpn_bare"),
+          ("anchordet_rpn_r50", "torchvision_rpn_r50"))
 
 
 @dataclass
@@ -127,6 +129,33 @@ def retinanet_r50(batch: SyntheticBatch):
 def bare_r50_fpn(batch: SyntheticBatch):
     backbone = ResNetFPN(depth=50, levels=("P3", "P4", "P5"))
     return backbone, lambda: sum(level.float().mean() for level in backbone(batch.images))
+
+
+@benchmark_case("anchordet_rpn_r50")
+def rpn_r50(batch: SyntheticBatch):
+    # conf/head/rpn.yaml + conf/anchor/rpn_grid.yaml: P2-P6, sizes 32..512, ratios 0.5, 1, 2.
+    backbone = ResNetFPN(depth=50, levels=("P2", "P3", "P4", "P5", "P6"))
+    shapes = grid_anchor_shapes([[32], [64], [128], [256], [512]], [0.5, 1.0, 2.0])
+    detector = assemble_detector(backbone, RpnHead, shapes, IoUMatcher(), batch.num_classes)
+    return detector, lambda: detector.loss(batch.images, batch.targets)["loss"]
+
+
+@benchmark_case("torchvision_rpn_r50")
+def torchvision_rpn_r50(batch: SyntheticBatch):
+    """torchvision's Faster R-CNN with only its transform, backbone and RPN run (no RoI heads)."""
+    image_size = batch.images.shape[-1]
+    model = torchvision.models.detection.fasterrcnn_resnet50_fpn(
+        weights=None, weights_backbone=None, num_classes=batch.num_classes,
+        min_size=image_size, max_size=image_size)  # scale 1: keeps the S x S input size
+    images = list(batch.images_unit)
+
+    def rpn_loss():
+        image_list, targets = model.transform(images, batch.targets)
+        features = model.backbone(image_list.tensors)
+        _, losses = model.rpn(image_list, features, targets)
+        return sum(losses.values())
+
+    return model, rpn_loss
 
 
 class PeakMemory:
