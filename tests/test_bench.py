@@ -38,7 +38,8 @@ def test_main_prints_one_parsable_line_per_case_and_consistent_ratios(tmp_path, 
 
     by_name = {r["case"]: r for r in cases}
     assert [r["ratio"] for r in ratios] == [
-        "anchordet_yolo_r50 / torchvision_retinanet_r50", "anchordet_yolo_r50 / resnet50_fpn_bare"]
+        "anchordet_yolo_r50 / torchvision_retinanet_r50", "anchordet_yolo_r50 / resnet50_fpn_bare",
+        "anchordet_rpn_r50 / torchvision_rpn_r50"]
     for ratio in ratios:
         top, bottom = (by_name[name] for name in ratio["ratio"].split(" / "))
         assert math.isclose(ratio["images_per_s_ratio"], top["images_per_s"] / bottom["images_per_s"])
