@@ -138,7 +138,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
 
 def test_killed_mid_epoch_resumes_from_the_step_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
-    common = ("experiment=tiny", *QUIET, "data.num_train=64", "trainer.max_epochs=1",
+    common = ("experiment=tiny", *QUIET, "data.num_train=128", "trainer.max_epochs=1",
               "callbacks.step_checkpoint.every_n_train_steps=2", f"hydra.run.dir={run_dir}")
     process = start_cli("train.py", *common, cwd=tmp_path)
     deadline = time.monotonic() + 240
@@ -155,9 +155,9 @@ def test_killed_mid_epoch_resumes_from_the_step_checkpoint(tmp_path):
             process.kill()
     step_checkpoint = next((run_dir / "checkpoints").glob("step-*.ckpt"))
     killed_at = checkpoint_state(step_checkpoint)["global_step"]
-    assert 2 <= killed_at < 16  # 64 images / batch 4 = 16 steps in the epoch
+    assert 2 <= killed_at < 32  # 128 images / batch 4 = 32 steps in the epoch
     assert not (run_dir / "checkpoints" / "last.ckpt").exists()
 
     run_cli("train.py", *common, "resume=true", cwd=tmp_path)
     final = checkpoint_state(run_dir / "checkpoints" / "last.ckpt")
-    assert final["global_step"] == 16 and final["epoch"] == 0
+    assert final["global_step"] == 32 and final["epoch"] == 0
