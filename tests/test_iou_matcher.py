@@ -6,8 +6,6 @@ import torch
 from torchvision.models.detection._utils import Matcher as TorchvisionMatcher
 from torchvision.ops import box_iou
 
-from anchordet.anchors import AnchorGrid
-from anchordet.anchors.grid import grid_anchor_shapes
 from anchordet.matching import BalancedSampler, IoUMatcher, match_iou_matrix, pad_targets
 
 # Rows are anchors a0..a3, columns GTs g0..g2. Column maxima: g0 0.9 (a0), g1 0.4 (a1), g2 0.25 (a3).
@@ -117,19 +115,6 @@ def test_cross_boundary_anchors_are_ignored_only_when_asked():
     assert labels.tolist() == [[1, -1, -1]] and matched.tolist() == [[0, -2, -2]]  # a2 reaches x = 65 > 64
     with pytest.raises(ValueError, match="image size"):
         IoUMatcher(ignore_cross_boundary=True)(anchors, gt_boxes, gt_mask)
-
-
-def test_grid_form_equals_placed_anchors_at_cell_centres():
-    shapes = grid_anchor_shapes([[16.0], [32.0]], [0.5, 1.0, 2.0])
-    strides, grid_sizes = [8, 16], [(4, 4), (2, 2)]
-    gt_boxes = torch.tensor([[[4.0, 4.0, 20.0, 24.0], [0.0, 0.0, 0.0, 0.0]]])
-    gt_mask = torch.tensor([[True, False]])
-    matcher = IoUMatcher()
-    placed = AnchorGrid.build(shapes, strides, grid_sizes, offset=0.5).boxes
-    by_grid = matcher(gt_boxes, gt_mask, shapes, strides, grid_sizes)
-    by_boxes = matcher(placed, gt_boxes, gt_mask)
-    assert all(torch.equal(a, b) for a, b in zip(by_grid, by_boxes))
-    assert (by_boxes[1] == 1).any()
 
 
 # ------------------------------------------------------------------ sampler

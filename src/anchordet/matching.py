@@ -21,7 +21,6 @@ from torch import Tensor
 from torchvision.ops import box_iou
 
 from anchordet.anchors.kmeans import shape_iou
-from anchordet.anchors.placement import AnchorGrid
 from anchordet.boxes import box_wh
 
 UNMATCHED = -1
@@ -265,14 +264,7 @@ class IoUMatcher:
         self.allow_low_quality = bool(allow_low_quality)
         self.ignore_cross_boundary = bool(ignore_cross_boundary)
 
-    def __call__(self, *args, **kwargs) -> tuple[Tensor, Tensor]:
-        if len(args) == 5 and not kwargs:
-            gt_boxes, gt_mask, shapes_per_level, strides, grid_sizes = args
-            anchors = AnchorGrid.build(shapes_per_level, strides, grid_sizes, device=gt_boxes.device)
-            return self.match(anchors.boxes, gt_boxes, gt_mask)
-        return self.match(*args, **kwargs)
-
-    def match(
+    def __call__(
         self,
         anchor_boxes: Tensor,
         gt_boxes: Tensor,

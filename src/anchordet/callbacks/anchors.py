@@ -47,8 +47,9 @@ def match_anchors(detector, images: Tensor | None, targets: list[dict], image_si
     gt_boxes, _, gt_mask = pad_targets(targets)
     gt_boxes, gt_mask = gt_boxes.to(device), gt_mask.to(device)
     anchors = detector.anchor_grid(grid_sizes_for(*image_size, detector.used_strides), device)
-    matched = detector.matcher(gt_boxes, gt_mask, anchors.shapes_per_level, anchors.strides, anchors.grid_sizes)
-    if isinstance(matched, (tuple, list)):  # matchers that also return e.g. IoUs lead with the index
+    # The head knows how to call its own matcher (YOLO: shapes on the grid; RPN: placed boxes).
+    matched = detector.head.match(anchors, gt_boxes, gt_mask, detector.matcher)
+    if isinstance(matched, (tuple, list)):  # the RPN's matcher also returns labels; lead with the index
         matched = matched[0]
     ignored = matched == BETWEEN_THRESHOLDS
     head = detector.head

@@ -208,6 +208,12 @@ class YoloHead(nn.Module):
         )
 
     # ------------------------------------------------------------------ training
+    @torch.no_grad()
+    def match(self, anchors, gt_boxes: Tensor, gt_mask: Tensor, matcher) -> Tensor:
+        """How this head asks its matcher (the loss and the anchor pictures both go through here):
+        ``matcher(gt_boxes, gt_mask, shapes_per_level, strides, grid_sizes) -> matched_gt [B, N]``."""
+        return matcher(gt_boxes, gt_mask, anchors.shapes_per_level, anchors.strides, anchors.grid_sizes)
+
     def loss(
         self,
         raw_per_level: list[Tensor],
@@ -227,10 +233,7 @@ class YoloHead(nn.Module):
         raw = self._concat_levels(raw_per_level, anchors)  # [B, N, K]
         batch_size = raw.shape[0]
         gt_boxes = gt_boxes.float()
-        with torch.no_grad():
-            matched_gt = matcher(
-                gt_boxes, gt_mask, anchors.shapes_per_level, anchors.strides, anchors.grid_sizes
-            )  # [B, N]
+        matched_gt = self.match(anchors, gt_boxes, gt_mask, matcher)  # [B, N]
         positive = matched_gt >= 0  # [B, N]
         num_positive = max(1, int(positive.sum()))
         pred_boxes = self._decode(raw, anchors)  # [B, N, 4]
