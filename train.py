@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from anchordet.assembly import assemble_detector
 from anchordet.data.categories import CategoryMap
+from anchordet.hparams import HParamsSession, flatten_hyperparameters, run_outcome
 from anchordet.module import DetectionModule, read_checkpoint
 from anchordet.sweep import write_run_result
 
@@ -85,12 +86,19 @@ def _flatten(report: dict, prefix: str = "") -> dict:
 
 
 def resolve_resume(cfg: DictConfig) -> Path | None:
-    """The checkpoint to resume from: `ckpt_path=...`, or `resume=true` = this run dir's last.ckpt.
+    """The checkpoint to resume from: `ckpt_path=...`, or `resume=true` = this run dir's last.ckpt, or
+    (without either) the newest `hpc_ckpt_<n>.ckpt` in the run folder, which Lightning's SLURM
+    auto-requeue leaves there before the job is requeued.
 
     A checkpoint inside `<run>/checkpoints/` makes `<run>` the output folder again, so checkpoints and
     TensorBoard events continue in the run that is being resumed rather than in a new folder.
     """
     ckpt_path = cfg.get("ckpt_path")
+    requeued = sorted(Path(cfg.paths.output_dir).glob("hpc_ckpt_*.ckpt"), key=_hpc_number)
+    if requeued and not ckpt_path:
+        # Lightning's SLURM auto-requeue saved this before the job was requeued: same job, same folder.
+        log.info("requeued job: resuming from %s", requeued[-1])
+        return requeued[-1].resolve()
     if cfg.get("resume") and not ckpt_path:
         checkpoint_dir = Path(cfg.paths.output_dir) / "checkpoints"
         candidates = [p for p in [checkpoint_dir / "last.ckpt", *checkpoint_dir.glob("step-*.ckpt")] if p.is_file()]
@@ -108,6 +116,10 @@ def resolve_resume(cfg: DictConfig) -> Path | None:
             cfg.paths.output_dir = str(ckpt_path.parent.parent)
         log.info("resuming %s: writing to its run folder %s", ckpt_path, cfg.paths.output_dir)
     return ckpt_path
+
+
+def _hpc_number(path: Path) -> int:
+    return int(path.stem.rsplit("_", 1)[1])
 
 
 def rerun_ranks_in_this_job() -> None:
@@ -165,6 +177,10 @@ def run_training(cfg: DictConfig) -> float | None:
         run_config=OmegaConf.to_container(cfg, resolve=True), **cfg.optim)
 
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    # The run's row in TensorBoard's HParams tab: resolved settings + Hydra choices, final metrics.
+    choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+    callbacks.append(HParamsSession(
+        flatten_hyperparameters(OmegaConf.to_container(cfg, resolve=True), choices), cfg.monitor))
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     trainer_cfg = OmegaConf.merge(prepare_ddp(cfg), {"precision": resolve_precision(cfg.trainer)})
     trainer: L.Trainer = instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False)
@@ -199,14 +215,7 @@ def distributed_job_scope():
 
 def report_result(cfg: DictConfig, trainer: L.Trainer) -> float | None:
     """The best monitored value (returned to sweepers) and `result.json` for the sweep summary."""
-    best = trainer.callback_metrics.get(cfg.monitor)
-    best_path = last_path = None
-    checkpoint = trainer.checkpoint_callback
-    if checkpoint is not None:
-        if checkpoint.best_model_score is not None:
-            best, best_path = checkpoint.best_model_score, checkpoint.best_model_path
-        last_path = str(Path(checkpoint.dirpath) / "last.ckpt") if checkpoint.dirpath else None
-    best = float(best) if best is not None else None
+    best, best_path, last_path = run_outcome(trainer, cfg.monitor)
     if trainer.is_global_zero:
         overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
         write_run_result(cfg.paths.output_dir, overrides, cfg.monitor, best, best_path, last_path)

@@ -51,6 +51,31 @@ def test_train_writes_checkpoints_tensorboard_and_caches(trained_run):
     assert any(tag.startswith("lr-") for tag in scalars)
 
 
+def test_hparams_tab_holds_the_run_settings_and_final_metrics(trained_run):
+    """The event file carries one HParams session (what TensorBoard's HParams tab reads) whose
+    settings are the run's config and whose `hp/best` equals the best value in result.json."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+
+    _, run_dir = trained_run
+    event_files = list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(event_files) == 1, event_files  # written before Lightning closed the logger
+    events = EventAccumulator(str(run_dir / "tensorboard")).Reload()
+    content = events.PluginTagToContent("hparams")
+    session = HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
+    hparams = {key: value.WhichOneof("kind") and getattr(value, value.WhichOneof("kind"))
+               for key, value in session.hparams.items()}
+    assert hparams["choice/backbone"] == "resnet18" and hparams["choice/experiment"] == "tiny"
+    assert hparams["data.image_size"] == 64 and hparams["optim.lr"] == pytest.approx(0.01)
+    assert hparams["monitor"] == "val/mAP"
+    assert not any(key.startswith(("paths.", "callbacks.", "logger.")) for key in hparams)
+    experiment = HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+    metric_tags = {info.name.tag for info in experiment.metric_infos}
+    assert {"hp/best", "hp/mAP", "hp/mAP_50"} <= metric_tags
+    best = json.loads((run_dir / "result.json").read_text())["best"]
+    assert events.Scalars("hp/best")[-1].value == pytest.approx(best, abs=1e-6)
+
+
 def test_evaluate_matches_pycocotools_on_written_detections(trained_run, tmp_path):
     workdir, run_dir = trained_run
     out_dir = tmp_path / "eval"
