@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -28,6 +29,8 @@ from anchordet.module import DetectionModule, read_checkpoint
 from anchordet.sweep import write_run_result
 
 log = logging.getLogger("anchordet.train")
+# What Lightning's SLURM auto-requeue saves in the run folder (default_root_dir) before requeueing.
+HPC_CHECKPOINT = re.compile(r"hpc_ckpt_(\d+)\.ckpt")
 
 
 def resolve_precision(trainer_cfg: DictConfig) -> str:
@@ -94,11 +97,13 @@ def resolve_resume(cfg: DictConfig) -> Path | None:
     TensorBoard events continue in the run that is being resumed rather than in a new folder.
     """
     ckpt_path = cfg.get("ckpt_path")
-    requeued = sorted(Path(cfg.paths.output_dir).glob("hpc_ckpt_*.ckpt"), key=_hpc_number)
+    requeued = {int(m.group(1)): path for path in Path(cfg.paths.output_dir).glob("hpc_ckpt_*.ckpt")
+                if (m := HPC_CHECKPOINT.fullmatch(path.name))}
     if requeued and not ckpt_path:
         # Lightning's SLURM auto-requeue saved this before the job was requeued: same job, same folder.
-        log.info("requeued job: resuming from %s", requeued[-1])
-        return requeued[-1].resolve()
+        newest = requeued[max(requeued)]
+        log.info("requeued job: resuming from %s", newest)
+        return newest.resolve()
     if cfg.get("resume") and not ckpt_path:
         checkpoint_dir = Path(cfg.paths.output_dir) / "checkpoints"
         candidates = [p for p in [checkpoint_dir / "last.ckpt", *checkpoint_dir.glob("step-*.ckpt")] if p.is_file()]
@@ -116,10 +121,6 @@ def resolve_resume(cfg: DictConfig) -> Path | None:
             cfg.paths.output_dir = str(ckpt_path.parent.parent)
         log.info("resuming %s: writing to its run folder %s", ckpt_path, cfg.paths.output_dir)
     return ckpt_path
-
-
-def _hpc_number(path: Path) -> int:
-    return int(path.stem.rsplit("_", 1)[1])
 
 
 def rerun_ranks_in_this_job() -> None:

@@ -6,10 +6,11 @@ and its metrics as one "session". The session is written when training ends, so 
 the final ones; a run that dies before then shows up only in the Scalars tab.
 
 `HParamsSession` writes it in `on_fit_end`, after the last validation and before Lightning closes
-the loggers (writing after that would open a second event file). The settings are the resolved config flattened to dotted keys (`optim.lr`, `head.box_weight`,
-`data.image_size`, ...) plus the Hydra group choices (`choice/backbone=resnet50`), which name a
-run's configuration far better than the `_target_` strings they select. Output locations,
-callbacks and loggers are left out: they differ between runs without changing the model.
+the loggers (writing after that would open a second event file). The settings are the resolved
+config flattened to dotted keys (`optim.lr`, `head.box_weight`, `data.image_size`, ...) plus the
+Hydra group choices (`choice/backbone=resnet50`), which name a run's configuration far better than
+the `_target_` strings they select. Output locations, callbacks and loggers are left out: they
+differ between runs without changing the model.
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ METRIC_PREFIX = "hp/"
 
 def flatten_hyperparameters(config: Mapping[str, Any], choices: Mapping[str, Any] | None = None,
                             ) -> dict[str, bool | int | float | str]:
-    """Dotted key -> scalar. Lists become strings (`[P3, P4, P5]`), None becomes `"null"`, and
-    Hydra/instantiate plumbing (`_target_`, `_partial_`) is dropped."""
+    """Dotted key -> scalar (what the HParams tab accepts). Lists become their Python string
+    (`"['P3', 'P4', 'P5']"`), None becomes `"null"`, and Hydra/instantiate plumbing (`_target_`,
+    `_partial_`) is dropped."""
     flat: dict[str, bool | int | float | str] = {}
 
     def visit(node: Any, prefix: str) -> None:

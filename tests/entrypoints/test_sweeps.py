@@ -99,6 +99,7 @@ def test_a_requeued_job_resumes_from_its_newest_hpc_checkpoint(tmp_path):
 
     cfg = OmegaConf.create({"ckpt_path": None, "resume": False, "paths": {"output_dir": str(tmp_path)}})
     assert train.resolve_resume(cfg) is None
+    (tmp_path / "hpc_ckpt_old.ckpt").write_bytes(b"")  # not a Lightning name: ignored
     for n in (2, 10, 9):  # numbered, not dated: hpc_ckpt_10 is the newest
         (tmp_path / f"hpc_ckpt_{n}.ckpt").write_bytes(b"")
     assert train.resolve_resume(cfg) == (tmp_path / "hpc_ckpt_10.ckpt").resolve()
