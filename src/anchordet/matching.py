@@ -242,11 +242,7 @@ class IoUMatcher:
     boxes xyxy in input pixels and ``image_size`` an int or ``(height, width)`` returns
     ``(matched_gt [B, N], labels [B, N])``, see ``match_iou_matrix``; ignored cross-boundary anchors
     get ``matched_gt = -2`` as well, so ``matched_gt >= 0`` always equals ``labels == 1``.
-
-    For code written against the ``YoloMatcher`` contract, the grid form ``(gt_boxes, gt_mask,
-    shapes_per_level, strides, grid_sizes)`` (five positional arguments) is accepted too: the
-    anchors are placed at cell centres (offset 0.5, the ``Detector`` default) first. The RPN head
-    always passes its own placed anchors.
+    Callers go through ``RpnHead.match`` / ``match_with_labels``, which pass the placed anchors.
     """
 
     def __init__(

@@ -232,6 +232,22 @@ def test_detector_with_rpn_head_loss_predict_and_offset():
     torch.testing.assert_close(centre.boxes - corner.boxes, corner.stride.expand(-1, 4) * 0.5)
 
 
+def test_match_follows_the_heads_common_contract_for_the_anchor_pictures():
+    """`head.match` gives matched_gt [B, N] like the YOLO head's (the labels stay with
+    `match_with_labels`), so `AnchorPictures` draws an RPN's matching without a special case."""
+    from anchordet.callbacks.anchors import match_anchors
+    from anchordet.matching import BETWEEN_THRESHOLDS, pad_targets
+
+    detector = build_detector()
+    anchors, matched, ignored, _, _ = match_anchors(detector, None, TARGETS, (64, 64))
+    gt_boxes, _, gt_mask = pad_targets(TARGETS)
+    expected, labels = detector.head.match_with_labels(anchors, gt_boxes, gt_mask, detector.matcher)
+    assert isinstance(matched, torch.Tensor) and matched.shape == (2, anchors.num_anchors)
+    torch.testing.assert_close(matched, expected)
+    assert torch.equal(ignored, labels == -1) and torch.equal(ignored, matched == BETWEEN_THRESHOLDS)
+    assert (matched[0] >= 0).any() and (matched[1] < 0).all()  # the second image has no boxes
+
+
 def test_a_few_steps_on_fixed_features_fit_the_sampled_anchors():
     torch.manual_seed(0)
     head = RpnHead(in_channels=8, num_anchors=1, num_levels=1)

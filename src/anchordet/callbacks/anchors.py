@@ -48,9 +48,7 @@ def match_anchors(detector, images: Tensor | None, targets: list[dict], image_si
     gt_boxes, gt_mask = gt_boxes.to(device), gt_mask.to(device)
     anchors = detector.anchor_grid(grid_sizes_for(*image_size, detector.used_strides), device)
     # The head knows how to call its own matcher (YOLO: shapes on the grid; RPN: placed boxes).
-    matched = detector.head.match(anchors, gt_boxes, gt_mask, detector.matcher)
-    if isinstance(matched, (tuple, list)):  # the RPN's matcher also returns labels; lead with the index
-        matched = matched[0]
+    matched = detector.head.match(anchors, gt_boxes, gt_mask, detector.matcher)  # [B, N]
     ignored = matched == BETWEEN_THRESHOLDS
     head = detector.head
     if images is not None and hasattr(head, "ignore_iou") and hasattr(head, "box_coder"):

@@ -182,9 +182,13 @@ class RpnHead(nn.Module):
 
     # ------------------------------------------------------------------ training
     @torch.no_grad()
-    def match(self, anchors, gt_boxes: Tensor, gt_mask: Tensor, matcher) -> tuple[Tensor, Tensor]:
+    def match_with_labels(self, anchors, gt_boxes: Tensor, gt_mask: Tensor, matcher) -> tuple[Tensor, Tensor]:
         """``matcher(anchors.boxes, gt_boxes, gt_mask, image_size) -> (matched_gt [B, N], labels [B, N])``."""
         return matcher(anchors.boxes, gt_boxes, gt_mask, image_size=self.input_size(anchors))
+
+    def match(self, anchors, gt_boxes: Tensor, gt_mask: Tensor, matcher) -> Tensor:
+        """The heads' common contract: ``matched_gt [B, N]`` (GT slot, -1 background, -2 ignored)."""
+        return self.match_with_labels(anchors, gt_boxes, gt_mask, matcher)[0]
 
     def loss(
         self,
@@ -205,7 +209,7 @@ class RpnHead(nn.Module):
         raw = self._concat_levels(raw_per_level, anchors)  # [B, N, 5]
         gt_boxes = gt_boxes.float()
         with torch.no_grad():
-            matched_gt, labels = self.match(anchors, gt_boxes, gt_mask, matcher)  # [B, N] each
+            matched_gt, labels = self.match_with_labels(anchors, gt_boxes, gt_mask, matcher)  # [B, N] each
             sampled_positive, sampled_negative = self.sampler(labels)  # [B, N] each
         sampled = sampled_positive | sampled_negative
         # A tensor, not int(): no device sync; at least 1 so a batch without anchors stays finite.
