@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from anchordet.callbacks import AnchorPictures, FeatureMapPictures, PictureCallback, PredictionPictures
-from anchordet.callbacks.anchors import match_anchors
+from anchordet.callbacks.anchors import match_anchors, placed_anchor_coverage
 from anchordet.matching import YoloMatcher
 from anchordet.models.backbone import ResNetFPN
 from anchordet.models.detector import Detector
@@ -86,6 +86,9 @@ def test_scalars_and_text(events):
         assert tag in scalars, tag
     recall = events.Scalars("anchors/best_possible_recall")[0].value
     assert 0.0 <= recall <= 1.0
+    # The YOLO matcher has no foreground IoU threshold, so only the placed best IoU is written.
+    assert 0.0 < events.Scalars("anchors/placed_best_iou")[0].value <= 1.0
+    assert "anchors/gt_with_foreground_anchor" not in scalars
     total_positives = sum(events.Scalars(f"anchors/positives_per_image/{level}")[0].value for level in LEVELS)
     assert total_positives > 0
     assert "predictions/per_class_ap/text_summary" in events.Tags()["tensors"]
@@ -124,6 +127,23 @@ def test_roles_follow_the_matcher_and_the_heads_ignore_rule():
         _, _, all_ignored, _, _ = match_anchors(tiny_detector(-1.0), images, targets, (64, 64))
     assert not none_ignored.any()
     assert all_ignored.sum().item() == anchors.num_anchors - 1
+
+
+def test_placed_anchor_coverage_by_hand():
+    anchors = torch.tensor([[0.0, 0.0, 10.0, 10.0], [10.0, 0.0, 20.0, 10.0]])
+    targets = [
+        # IoU 1 with the first anchor; 80 / 100 = 0.8 with the second.
+        {"boxes": torch.tensor([[0.0, 0.0, 10.0, 10.0], [12.0, 0.0, 20.0, 10.0]])},
+        # 50 / 100 = 0.5 with the first anchor (inside it), 0 with the second.
+        {"boxes": torch.tensor([[0.0, 0.0, 5.0, 10.0]])},
+        {"boxes": torch.zeros(0, 4)},  # an empty image counts no box
+    ]
+    report = placed_anchor_coverage(anchors, targets, foreground_iou=0.7)
+    assert report["placed_best_iou"] == pytest.approx((1.0 + 0.8 + 0.5) / 3)
+    assert report["gt_with_foreground_anchor"] == pytest.approx(2 / 3)
+    assert placed_anchor_coverage(anchors, targets, foreground_iou=0.5)["gt_with_foreground_anchor"] == 1.0
+    assert set(placed_anchor_coverage(anchors, targets, None)) == {"placed_best_iou"}
+    assert placed_anchor_coverage(anchors, targets[2:], 0.7) == {}
 
 
 # ---------------------------------------------------------------------------- safety rules

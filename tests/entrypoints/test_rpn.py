@@ -112,6 +112,8 @@ def test_train_and_evaluate_rpn_report_pycocotools_proposal_recall(tmp_path):
     scalars = set(EventAccumulator(str(run_dir / "tensorboard")).Reload().Tags()["scalars"])
     for tag in ("train/loss_obj_step", "train/loss_box_step", "val/AR@100", "val/AR@1000", "val/AR_small@1000"):
         assert tag in scalars, f"{tag} missing from {sorted(scalars)}"
+    # The IoU matcher's 0.7 foreground threshold gives the anchor-reach scalar (AnchorPictures).
+    assert "anchors/gt_with_foreground_anchor" in scalars
 
     result = run("evaluate.py", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
                  f"hydra.run.dir={eval_dir}", cwd=tmp_path)

@@ -63,6 +63,29 @@ def match_anchors(detector, images: Tensor | None, targets: list[dict], image_si
     return anchors, matched, ignored, gt_boxes, gt_mask
 
 
+def placed_anchor_coverage(anchor_boxes: Tensor, targets: list[dict],
+                           foreground_iou: float | None) -> dict[str, float]:
+    """How well the *placed* anchors (shape and grid position) can reach the GT boxes.
+
+    ``anchor_boxes [N, 4]`` are the anchors of one input size, ``targets`` carry ``boxes [M, 4]``
+    in the same frame. Returns ``placed_best_iou``, the mean over GT boxes of their best IoU with any
+    anchor, and, when the matcher has a foreground threshold, ``gt_with_foreground_anchor``: the
+    share of GT boxes with at least one anchor at or above it. The shape-only fitness
+    (``mean_best_iou``) centres every anchor on its box and so ignores the stride; an IoU matcher
+    does not. A GT box without a foreground anchor is trained only through its low-quality matches,
+    which is what starves an RPN whose anchors do not fit the data (docs/rpn.md).
+    """
+    best = [box_iou(t["boxes"].to(anchor_boxes).reshape(-1, 4), anchor_boxes).amax(dim=1)
+            for t in targets if t["boxes"].numel()]
+    best_iou = torch.cat(best) if best else anchor_boxes.new_zeros(0)
+    if best_iou.numel() == 0:
+        return {}
+    report = {"placed_best_iou": best_iou.mean().item()}
+    if foreground_iou is not None:
+        report["gt_with_foreground_anchor"] = (best_iou >= foreground_iou).float().mean().item()
+    return report
+
+
 def sample_indices(mask: Tensor, limit: int, generator: torch.Generator) -> Tensor:
     """Indices of up to ``limit`` True entries of ``mask [N]``, drawn without replacement."""
     index = mask.nonzero().flatten().cpu()
@@ -79,7 +102,9 @@ class AnchorPictures(PictureCallback):
     ``datamodule.train_box_sizes()``), plus what is repeated every ``every_n_epochs`` training
     epochs: ``anchors/matching`` (GT, positive, ignored and sampled negative anchors) and
     ``anchors/positives_per_image/<level>`` (mean positives per image on that level over the first
-    ``num_stat_images`` training images: a level with ~0 is starved).
+    ``num_stat_images`` training images: a level with ~0 is starved). Once, over the same images:
+    ``anchors/placed_best_iou`` and, for matchers with a foreground threshold (``fg_iou``),
+    ``anchors/gt_with_foreground_anchor`` (see ``placed_anchor_coverage``).
 
     Args:
         every_n_epochs: repeat the matching picture and positives scalars after every N epochs
@@ -98,6 +123,7 @@ class AnchorPictures(PictureCallback):
         self._images: Tensor | None = None
         self._targets: list[dict] | None = None
         self._stat_targets: list[dict] | None = None
+        self._coverage_written = False
 
     # ------------------------------------------------------------------ hooks
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -171,3 +197,10 @@ class AnchorPictures(PictureCallback):
         per_level = anchors.split_per_level(stat_matched >= 0, dim=1)  # list of [B, Hl*Wl*A]
         for name, positives in zip(level_names_of(detector), per_level):
             writer.add_scalar(f"anchors/positives_per_image/{name}", positives.sum().item() / len(self._stat_targets), step)
+        # Placed anchors do not change during training; their reach is written once, at fit start.
+        if not self._coverage_written:
+            coverage = placed_anchor_coverage(anchors.boxes, self._stat_targets,
+                                              getattr(detector.matcher, "fg_iou", None))
+            for name, value in coverage.items():
+                writer.add_scalar(f"anchors/{name}", value, step)
+            self._coverage_written = True
