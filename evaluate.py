@@ -28,10 +28,26 @@ from train import build_detector, distributed_job_scope, rerun_ranks_in_this_job
 log = logging.getLogger("anchordet.evaluate")
 
 
-def rebuild_module(checkpoint: dict, data_overrides: DictConfig | dict | None = None):
+def override_head(run_cfg: DictConfig, head_overrides: DictConfig | dict | None) -> None:
+    """Apply inference-time head settings (e.g. the RPN's ``nms_iou``) to the saved run config.
+
+    Only keys the saved head config already has are accepted: a typo must not be ignored silently.
+    The weights do not depend on these settings, so they load unchanged.
+    """
+    for key, value in OmegaConf.to_container(OmegaConf.create(head_overrides or {})).items():
+        if key not in run_cfg.head or key.startswith("_"):
+            raise ValueError(
+                f"head.{key}: the checkpoint's head config has no such setting; choose one of "
+                f"{sorted(k for k in run_cfg.head if not k.startswith('_'))}")
+        run_cfg.head[key] = value
+
+
+def rebuild_module(checkpoint: dict, data_overrides: DictConfig | dict | None = None,
+                   head_overrides: DictConfig | dict | None = None):
     """(module with trained weights, datamodule) from a checkpoint written by train.py."""
     saved = checkpoint["anchordet"]
     run_cfg = OmegaConf.create(saved["run_config"])
+    override_head(run_cfg, head_overrides)
     data_overrides = OmegaConf.create(data_overrides or {})
     # An override with its own _target_ is a whole new data config (another dataset class); otherwise
     # it adjusts the training run's data config (e.g. +data.batch_size=2).
@@ -69,7 +85,7 @@ def write_overlays(module: DetectionModule, datamodule, out_dir: Path, num_image
 
 def run_evaluation(cfg: DictConfig) -> dict:
     checkpoint = read_checkpoint(cfg.ckpt_path)
-    module, datamodule = rebuild_module(checkpoint, cfg.get("data"))
+    module, datamodule = rebuild_module(checkpoint, cfg.get("data"), cfg.get("head"))
     if cfg.split != "val":
         raise ValueError(f"split={cfg.split!r}: only 'val' is supported (point data.val_images / "
                          "data.val_annotations at another split to evaluate it)")
@@ -95,7 +111,9 @@ def run_evaluation(cfg: DictConfig) -> dict:
     write_results(module.last_results, output_dir / results_name)
     metrics = {"checkpoint": str(Path(cfg.ckpt_path).resolve()), "split": cfg.split,
                "annotation_file": str(module.val_annotation_file),
-               "num_images": len(module.last_image_ids), **evaluation.metrics}
+               "num_images": len(module.last_image_ids),
+               "head_overrides": OmegaConf.to_container(cfg.get("head") or OmegaConf.create({})),
+               **evaluation.metrics}
     if module.task == "detection":
         metrics["per_class_AP"] = evaluation.per_class_ap
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))

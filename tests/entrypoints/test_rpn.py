@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -137,4 +138,26 @@ def test_train_and_evaluate_rpn_report_pycocotools_proposal_recall(tmp_path):
         per_image.setdefault(row["image_id"], []).append(row["score"])
     assert set(per_image) <= set(gt.getImgIds()) and max(len(s) for s in per_image.values()) <= 1000
     assert {row["category_id"] for row in proposals} == {gt.getCatIds()[0]}
+
+    # Test-time head settings: evaluate.py +head.nms_iou=... rebuilds the head with them.
+    loose_dir = tmp_path / "eval_nms_0.95"
+    run("evaluate.py", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", "+head.nms_iou=0.95",
+        "+head.post_nms_top_n_test=50", f"hydra.run.dir={loose_dir}", cwd=tmp_path)
+    loose_metrics = json.loads((loose_dir / "metrics.json").read_text())
+    assert loose_metrics["head_overrides"] == {"nms_iou": 0.95, "post_nms_top_n_test": 50}
+    loose = json.loads((loose_dir / "proposals.json").read_text())
+    assert max(Counter(row["image_id"] for row in loose).values()) <= 50
     assert all(0.0 <= s <= 1.0 for scores in per_image.values() for s in scores)
+
+
+def test_evaluate_rejects_a_head_setting_the_checkpoint_lacks():
+    sys.path.insert(0, str(REPO))
+    from evaluate import override_head
+
+    run_cfg = OmegaConf.create({"head": {"_target_": "anchordet.models.heads.rpn.RpnHead", "nms_iou": 0.7}})
+    override_head(run_cfg, {"nms_iou": 0.9})
+    assert run_cfg.head.nms_iou == 0.9
+    with pytest.raises(ValueError, match=r"head\.nms_threshold: .*no such setting.*nms_iou"):
+        override_head(run_cfg, {"nms_threshold": 0.9})
+    with pytest.raises(ValueError, match=r"head\._target_"):
+        override_head(run_cfg, {"_target_": "torch.nn.Identity"})
