@@ -85,7 +85,8 @@ def write_overlays(module: DetectionModule, datamodule, out_dir: Path, num_image
 
 def run_evaluation(cfg: DictConfig) -> dict:
     checkpoint = read_checkpoint(cfg.ckpt_path)
-    module, datamodule = rebuild_module(checkpoint, cfg.get("data"), cfg.get("head"))
+    head_overrides = OmegaConf.to_container(cfg.get("head") or OmegaConf.create({}))
+    module, datamodule = rebuild_module(checkpoint, cfg.get("data"), head_overrides)
     if cfg.split != "val":
         raise ValueError(f"split={cfg.split!r}: only 'val' is supported (point data.val_images / "
                          "data.val_annotations at another split to evaluate it)")
@@ -112,7 +113,7 @@ def run_evaluation(cfg: DictConfig) -> dict:
     metrics = {"checkpoint": str(Path(cfg.ckpt_path).resolve()), "split": cfg.split,
                "annotation_file": str(module.val_annotation_file),
                "num_images": len(module.last_image_ids),
-               "head_overrides": OmegaConf.to_container(cfg.get("head") or OmegaConf.create({})),
+               "head_overrides": head_overrides,
                **evaluation.metrics}
     if module.task == "detection":
         metrics["per_class_AP"] = evaluation.per_class_ap

@@ -91,7 +91,9 @@ def _flatten(report: dict, prefix: str = "") -> dict:
 def resolve_resume(cfg: DictConfig) -> Path | None:
     """The checkpoint to resume from: `ckpt_path=...`, or `resume=true` = this run dir's last.ckpt, or
     (without either) the newest `hpc_ckpt_<n>.ckpt` in the run folder, which Lightning's SLURM
-    auto-requeue leaves there before the job is requeued.
+    auto-requeue leaves there before the job is requeued. Lightning would pick the same file itself
+    inside `fit` on SLURM, but only after the model is built; train.py needs it earlier, because the
+    anchors and the run folder come from the checkpoint.
 
     A checkpoint inside `<run>/checkpoints/` makes `<run>` the output folder again, so checkpoints and
     TensorBoard events continue in the run that is being resumed rather than in a new folder.

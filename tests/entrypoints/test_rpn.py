@@ -138,6 +138,7 @@ def test_train_and_evaluate_rpn_report_pycocotools_proposal_recall(tmp_path):
         per_image.setdefault(row["image_id"], []).append(row["score"])
     assert set(per_image) <= set(gt.getImgIds()) and max(len(s) for s in per_image.values()) <= 1000
     assert {row["category_id"] for row in proposals} == {gt.getCatIds()[0]}
+    assert all(0.0 <= s <= 1.0 for scores in per_image.values() for s in scores)
 
     # Test-time head settings: evaluate.py +head.nms_iou=... rebuilds the head with them.
     loose_dir = tmp_path / "eval_nms_0.95"
@@ -147,7 +148,6 @@ def test_train_and_evaluate_rpn_report_pycocotools_proposal_recall(tmp_path):
     assert loose_metrics["head_overrides"] == {"nms_iou": 0.95, "post_nms_top_n_test": 50}
     loose = json.loads((loose_dir / "proposals.json").read_text())
     assert max(Counter(row["image_id"] for row in loose).values()) <= 50
-    assert all(0.0 <= s <= 1.0 for scores in per_image.values() for s in scores)
 
 
 def test_evaluate_rejects_a_head_setting_the_checkpoint_lacks():

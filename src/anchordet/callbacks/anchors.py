@@ -102,8 +102,8 @@ class AnchorPictures(PictureCallback):
     ``datamodule.train_box_sizes()``), plus what is repeated every ``every_n_epochs`` training
     epochs: ``anchors/matching`` (GT, positive, ignored and sampled negative anchors) and
     ``anchors/positives_per_image/<level>`` (mean positives per image on that level over the first
-    ``num_stat_images`` training images: a level with ~0 is starved). Once, over the same images:
-    ``anchors/placed_best_iou`` and, for matchers with a foreground threshold (``fg_iou``),
+    ``num_stat_images`` training images: a level with ~0 is starved). At fit start, over the same
+    images: ``anchors/placed_best_iou`` and, for matchers with a foreground threshold (``fg_iou``),
     ``anchors/gt_with_foreground_anchor`` (see ``placed_anchor_coverage``).
 
     Args:
@@ -123,7 +123,6 @@ class AnchorPictures(PictureCallback):
         self._images: Tensor | None = None
         self._targets: list[dict] | None = None
         self._stat_targets: list[dict] | None = None
-        self._coverage_written = False
 
     # ------------------------------------------------------------------ hooks
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -173,6 +172,15 @@ class AnchorPictures(PictureCallback):
         best_iou = shape_iou(box_wh, torch.cat(shapes)).amax(dim=1) if box_wh.shape[0] else box_wh.new_zeros(0)
         writer.add_image("anchors/best_iou_histogram", plots.best_iou_histogram(best_iou), step)
 
+        # Placed anchors (shape + grid position) against the statistics images' boxes: what an IoU
+        # matcher sees, unlike the centred shape IoU above. They never move, so fit start is enough.
+        image_size = tuple(self._images.shape[-2:])
+        device = detector.anchor_shapes_per_level[0].device
+        anchors = detector.anchor_grid(grid_sizes_for(*image_size, detector.used_strides), device)
+        coverage = placed_anchor_coverage(anchors.boxes, self._stat_targets, getattr(detector.matcher, "fg_iou", None))
+        for name, value in coverage.items():
+            writer.add_scalar(f"anchors/{name}", value, step)
+
     def _draw_matching(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         writer, step = self.writer(trainer), trainer.global_step
         detector = pl_module.detector
@@ -197,10 +205,3 @@ class AnchorPictures(PictureCallback):
         per_level = anchors.split_per_level(stat_matched >= 0, dim=1)  # list of [B, Hl*Wl*A]
         for name, positives in zip(level_names_of(detector), per_level):
             writer.add_scalar(f"anchors/positives_per_image/{name}", positives.sum().item() / len(self._stat_targets), step)
-        # Placed anchors do not change during training; their reach is written once, at fit start.
-        if not self._coverage_written:
-            coverage = placed_anchor_coverage(anchors.boxes, self._stat_targets,
-                                              getattr(detector.matcher, "fg_iou", None))
-            for name, value in coverage.items():
-                writer.add_scalar(f"anchors/{name}", value, step)
-            self._coverage_written = True
