@@ -6,6 +6,7 @@ import torch
 from torchvision.models.detection._utils import Matcher as TorchvisionMatcher
 from torchvision.ops import box_iou
 
+from anchordet.anchors import AnchorGrid
 from anchordet.matching import BalancedSampler, IoUMatcher, match_iou_matrix, pad_targets
 
 # Rows are anchors a0..a3, columns GTs g0..g2. Column maxima: g0 0.9 (a0), g1 0.4 (a1), g2 0.25 (a3).
@@ -21,14 +22,14 @@ HAND_IOU = torch.tensor(
 
 def test_hand_made_matrix_thresholds_and_ignore_band():
     matched, labels = match_iou_matrix(HAND_IOU, allow_low_quality=False)
-    assert matched.tolist() == [0, -2, -2, -1]
+    assert matched.tolist() == [0, -1, -1, -1]  # a GT slot only for foreground: the labels say the rest
     assert labels.tolist() == [1, -1, -1, 0]
 
 
 def test_hand_made_matrix_low_quality_matches():
     matched, labels = match_iou_matrix(HAND_IOU, allow_low_quality=True)
     # a1 is promoted by g1 but learns its own best GT, g0 (0.5 > 0.4); a3 is promoted by and learns g2.
-    assert matched.tolist() == [0, 0, -2, 2]
+    assert matched.tolist() == [0, 0, -1, 2]
     assert labels.tolist() == [1, 1, -1, 1]
 
 
@@ -36,7 +37,7 @@ def test_thresholds_are_inclusive_for_foreground_and_background_band():
     iou = torch.tensor([[0.7], [0.6999], [0.3], [0.2999], [1.0]])
     matched, labels = match_iou_matrix(iou, allow_low_quality=False)
     assert labels.tolist() == [1, -1, -1, 0, 1]
-    assert matched.tolist() == [0, -2, -2, -1, 0]
+    assert matched.tolist() == [0, -1, -1, -1, 0]
 
 
 def test_low_quality_ties_are_all_kept_and_a_gt_without_overlap_promotes_nothing():
@@ -54,7 +55,7 @@ def test_padding_slots_never_match_even_with_high_iou():
     mask = torch.tensor([True, True, False])
     matched, labels = match_iou_matrix(iou, mask)
     # Without g2: a2 keeps 0.35 (ignored), a3's best real IoU is 0.1 -> background.
-    assert matched.tolist() == [0, 0, -2, -1]
+    assert matched.tolist() == [0, 0, -1, -1]
     assert labels.tolist() == [1, 1, -1, 0]
     # Batched form, an all-padding image: everything background.
     batch = torch.stack([iou, iou])
@@ -62,7 +63,7 @@ def test_padding_slots_never_match_even_with_high_iou():
     matched, labels = match_iou_matrix(batch, masks)
     assert matched.shape == (2, 4)
     assert matched[1].tolist() == [-1] * 4 and labels[1].tolist() == [0] * 4
-    assert matched[0].tolist() == [0, 0, -2, -1]
+    assert matched[0].tolist() == [0, 0, -1, -1]
 
 
 def test_zero_gt_slots_and_bad_thresholds():
@@ -80,7 +81,9 @@ def _random_boxes(n: int, generator: torch.Generator, extent: float = 200.0) -> 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_equals_torchvision_matcher_on_random_boxes(seed):
     g = torch.Generator().manual_seed(seed)
-    anchors = _random_boxes(400, g)
+    # 13 x 13 cells of stride 16 on a 208 px input, three random shapes per cell: 507 anchors.
+    grid = AnchorGrid.build([8 + 90 * torch.rand(3, 2, generator=g)], [16], [(13, 13)], (208, 208))
+    anchors = grid.boxes
     counts = [7, 0, 3]  # an image without boxes in the middle
     targets = []
     for count in counts:
@@ -91,30 +94,32 @@ def test_equals_torchvision_matcher_on_random_boxes(seed):
             boxes = boxes[box_iou(boxes, anchors).amax(dim=1) > 0]
         targets.append({"boxes": boxes, "labels": torch.zeros(len(boxes), dtype=torch.long)})
     gt_boxes, _, gt_mask = pad_targets(targets)
-    matched, labels = IoUMatcher()(anchors, gt_boxes, gt_mask)
+    matched, labels = IoUMatcher()(grid, gt_boxes, gt_mask)
     reference = TorchvisionMatcher(0.7, 0.3, allow_low_quality_matches=True)
     for image, target in enumerate(targets):
         if len(target["boxes"]) == 0:
             assert (matched[image] == -1).all()
             continue
         expected = reference(box_iou(target["boxes"], anchors))  # [N]: index, -1 below, -2 between
-        assert torch.equal(matched[image], expected), f"image {image}"
+        assert torch.equal(matched[image], expected.clamp(min=-1)), f"image {image}"
         expected_labels = torch.where(expected >= 0, 1, torch.where(expected == -1, 0, -1))
         assert torch.equal(labels[image], expected_labels)
     assert (labels[0] == 1).any() and (labels[0] == -1).any() and (labels[0] == 0).any()
 
 
 def test_cross_boundary_anchors_are_ignored_only_when_asked():
-    anchors = torch.tensor([[0.0, 0.0, 20.0, 20.0], [-5.0, 0.0, 15.0, 20.0], [40.0, 40.0, 65.0, 60.0]])
-    gt_boxes = torch.tensor([[[0.0, 0.0, 20.0, 20.0]]])
-    gt_mask = torch.tensor([[True]])
-    matched, labels = IoUMatcher()(anchors, gt_boxes, gt_mask, image_size=64)
-    # IoU of a1 with the GT: inter 15*20 = 300, union 400 + 400 - 300 = 500 -> 0.6 (ignore band).
-    assert labels.tolist() == [[1, -1, 0]]
-    matched, labels = IoUMatcher(ignore_cross_boundary=True)(anchors, gt_boxes, gt_mask, image_size=(64, 64))
-    assert labels.tolist() == [[1, -1, -1]] and matched.tolist() == [[0, -2, -2]]  # a2 reaches x = 65 > 64
-    with pytest.raises(ValueError, match="image size"):
-        IoUMatcher(ignore_cross_boundary=True)(anchors, gt_boxes, gt_mask)
+    # Two one-cell levels on a 64 x 64 input: a 20 x 20 anchor centred at (10, 10) (stride 20) and a
+    # 25 x 25 anchor centred at (52.5, 52.5) (stride 105): [40, 40, 65, 65] reaches past 64.
+    grid = AnchorGrid.build([torch.tensor([[20.0, 20.0]]), torch.tensor([[25.0, 25.0]])], [20, 105],
+                            [(1, 1), (1, 1)], (64, 64), offset=0.5)
+    torch.testing.assert_close(grid.boxes, torch.tensor([[0.0, 0.0, 20.0, 20.0], [40.0, 40.0, 65.0, 65.0]]))
+    gt_boxes = torch.tensor([[[0.0, 0.0, 20.0, 20.0], [36.0, 40.0, 61.0, 65.0]]])
+    gt_mask = torch.tensor([[True, True]])
+    # Anchor 1 vs GT 1: inter 21 * 25 = 525, union 625 + 625 - 525 = 725 -> 0.72 (foreground).
+    matched, labels = IoUMatcher(allow_low_quality=False)(grid, gt_boxes, gt_mask)
+    assert labels.tolist() == [[1, 1]] and matched.tolist() == [[0, 1]]
+    matched, labels = IoUMatcher(ignore_cross_boundary=True, allow_low_quality=False)(grid, gt_boxes, gt_mask)
+    assert labels.tolist() == [[1, -1]] and matched.tolist() == [[0, -1]]
 
 
 # ------------------------------------------------------------------ sampler

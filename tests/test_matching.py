@@ -4,13 +4,22 @@ import pytest
 import torch
 
 from anchordet.anchors import AnchorGrid
-from anchordet.matching import YoloMatcher, pad_targets
+from anchordet.matching import MatchResult, YoloMatcher, pad_targets
 
 # A 64 x 64 input on strides 8, 16, 32: level sizes 8x8 (A=2), 4x4 (A=1), 2x2 (A=2).
 SHAPES = [torch.tensor([[8.0, 8.0], [16.0, 8.0]]), torch.tensor([[24.0, 24.0]]), torch.tensor([[48.0, 48.0], [60.0, 30.0]])]
 STRIDES = [8, 16, 32]
 GRIDS = [(8, 8), (4, 4), (2, 2)]
 N = 8 * 8 * 2 + 4 * 4 * 1 + 2 * 2 * 2  # 152; level starts 0, 128, 144
+
+
+def yolo_match(matcher, gt_boxes, gt_mask, shapes=SHAPES, strides=STRIDES, grids=GRIDS, input_size=(64, 64)):
+    """matched_gt [B, N] of the matcher contract, checking the labels that come with it."""
+    result = matcher(AnchorGrid.build(shapes, strides, grids, input_size), gt_boxes, gt_mask)
+    assert isinstance(result, MatchResult)
+    # The YOLO matcher has no ignore band: foreground exactly where a GT is assigned.
+    assert torch.equal(result.labels, (result.matched_gt >= 0).long())
+    return result.matched_gt
 
 
 def _target(boxes):
@@ -41,13 +50,13 @@ def _hand_batch():
 
 def test_yolo_matcher_hand_made_batch_with_an_empty_image():
     gt_boxes, _, gt_mask = _hand_batch()
-    matched = YoloMatcher()(gt_boxes, gt_mask, SHAPES, STRIDES, GRIDS)
+    matched = yolo_match(YoloMatcher(), gt_boxes, gt_mask)
     assert matched.shape == (2, N) and matched.dtype == torch.int64
     expected = torch.full((2, N), -1)
     expected[0, 0], expected[0, 142], expected[0, 147] = 0, 1, 2
     assert torch.equal(matched, expected)
     # Cross-check with the anchors as the head will see them: same (level, y, x, a) order.
-    grid = AnchorGrid.build(SHAPES, STRIDES, GRIDS)
+    grid = AnchorGrid.build(SHAPES, STRIDES, GRIDS, (64, 64))
     assert grid.num_anchors == N
     assert grid.anchor_wh[[0, 142, 147]].tolist() == [[8, 8], [24, 24], [60, 30]]
     assert grid.cell_xy[[0, 142, 147]].tolist() == [[0, 0], [2, 3], [1, 0]]
@@ -57,13 +66,13 @@ def test_yolo_matcher_multi_anchor_option():
     gt_boxes, _, gt_mask = _hand_batch()
     # With t = 0.4 also: gt0 -> (16, 8) (IoU 64/128 = 0.5) at 0*2+1 = 1; gt2 -> (48, 48) (IoU 0.54)
     # at 144 + 2 = 146.  gt1's other IoUs are all <= 0.32.
-    matched = YoloMatcher(multi_anchor_iou=0.4)(gt_boxes, gt_mask, SHAPES, STRIDES, GRIDS)
+    matched = yolo_match(YoloMatcher(multi_anchor_iou=0.4), gt_boxes, gt_mask)
     positives = (matched[0] >= 0).nonzero().flatten().tolist()
     assert positives == [0, 1, 142, 146, 147]
     assert matched[0, positives].tolist() == [0, 0, 1, 2, 2]
     assert (matched[1] == -1).all()
     # 0.5 is not "> 0.5": gt0 loses its extra anchor, gt2 keeps it.
-    matched = YoloMatcher(multi_anchor_iou=0.5)(gt_boxes, gt_mask, SHAPES, STRIDES, GRIDS)
+    matched = yolo_match(YoloMatcher(multi_anchor_iou=0.5), gt_boxes, gt_mask)
     assert (matched[0] >= 0).nonzero().flatten().tolist() == [0, 142, 146, 147]
     with pytest.raises(ValueError, match="multi_anchor_iou"):
         YoloMatcher(multi_anchor_iou=1.5)
@@ -75,7 +84,7 @@ def test_yolo_matcher_collision_goes_to_the_smaller_gt(small_first):
     small, large = [1, 1, 7, 7], [0, 0, 10, 10]
     boxes = [small, large] if small_first else [large, small]
     gt_boxes, _, gt_mask = pad_targets([_target(boxes)])
-    matched = YoloMatcher()(gt_boxes, gt_mask, SHAPES, STRIDES, GRIDS)
+    matched = yolo_match(YoloMatcher(), gt_boxes, gt_mask)
     assert matched[0, 0].item() == (0 if small_first else 1)
     assert (matched >= 0).sum() == 1
 
@@ -85,7 +94,7 @@ def test_yolo_matcher_best_anchor_claim_beats_a_smaller_extra_claim():
     # Y: wh (10, 10), area 100: best (8, 8) (0.64), extra (16, 8) (80/148 = 0.54).  Same cell (0, 0).
     x_box, y_box = [-1.0, 1.5, 11.0, 8.5], [0.0, 0.0, 10.0, 10.0]
     gt_boxes, _, gt_mask = pad_targets([_target([x_box, y_box])])
-    matched = YoloMatcher(multi_anchor_iou=0.5)(gt_boxes, gt_mask, SHAPES, STRIDES, GRIDS)
+    matched = yolo_match(YoloMatcher(multi_anchor_iou=0.5), gt_boxes, gt_mask)
     assert matched[0, :2].tolist() == [1, 0]  # (8, 8) -> Y although X is smaller; (16, 8) -> X
 
 
@@ -93,7 +102,7 @@ def test_yolo_matcher_clamps_centres_on_and_beyond_the_border():
     # Centre (64, 64) is on the far border: floor(64 / 8) = 8 -> clamped to column/row 7 on level 0:
     # (7*8 + 7)*2 + 0 = 126.  Centre (-2, -2) clamps to cell (0, 0) -> 0.
     gt_boxes, _, gt_mask = pad_targets([_target([[60, 60, 68, 68], [-6, -6, 2, 2]])])
-    matched = YoloMatcher()(gt_boxes, gt_mask, SHAPES, STRIDES, GRIDS)
+    matched = yolo_match(YoloMatcher(), gt_boxes, gt_mask)
     assert (matched[0] >= 0).nonzero().flatten().tolist() == [0, 126]
     assert matched[0, [0, 126]].tolist() == [1, 0]
 
@@ -147,7 +156,7 @@ def test_yolo_matcher_equals_reference_loop_on_random_batches(seed, multi_anchor
         targets.append({"boxes": torch.cat([centre - size / 2, centre + size / 2], 1), "labels": torch.zeros(count, dtype=torch.long)})
     gt_boxes, _, gt_mask = pad_targets(targets)
     matcher = YoloMatcher(multi_anchor_iou=multi_anchor_iou)
-    matched = matcher(gt_boxes, gt_mask, shapes, strides, grid_sizes)
+    matched = yolo_match(matcher, gt_boxes, gt_mask, shapes, strides, grid_sizes, input_size=(80, 96))
     expected = _reference_match(gt_boxes, gt_mask, shapes, strides, grid_sizes, multi_anchor_iou)
     assert torch.equal(matched, expected)
     assert (matched[1] == -1).all()  # the empty image

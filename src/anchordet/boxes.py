@@ -33,6 +33,7 @@ __all__ = [
     "xywh_to_xyxy",
     "xyxy_to_xywh",
     "box_wh",
+    "shape_iou",
     "YoloBoxCoder",
     "RcnnDeltaCoder",
 ]
@@ -69,6 +70,21 @@ def xyxy_to_xywh(boxes: Tensor) -> Tensor:
 def box_wh(boxes: Tensor) -> Tensor:
     """Widths and heights ``[..., 2]`` of xyxy boxes ``[..., 4]``."""
     return boxes[..., 2:4] - boxes[..., 0:2]
+
+
+def shape_iou(wh_a: Tensor, wh_b: Tensor) -> Tensor:
+    """IoU ``[N, K]`` of box shapes ``wh_a [N, 2]`` and ``wh_b [K, 2]`` (w, h) placed on the same centre.
+
+    Centred together, the intersection is ``min(w) * min(h)``; positions do not matter. This is the
+    distance of YOLOv2's anchor clustering and the score of YOLO's best-anchor assignment.
+    """
+    for name, wh in (("wh_a", wh_a), ("wh_b", wh_b)):
+        if wh.ndim != 2 or wh.shape[1] != 2:
+            raise ValueError(f"{name} must have shape [N, 2] of (w, h), got {tuple(wh.shape)}")
+    # [N, 1] against [1, K] broadcasts to the [N, K] matrix.
+    inter = torch.minimum(wh_a[:, None, 0], wh_b[None, :, 0]) * torch.minimum(wh_a[:, None, 1], wh_b[None, :, 1])
+    union = (wh_a[:, 0] * wh_a[:, 1])[:, None] + (wh_b[:, 0] * wh_b[:, 1])[None, :] - inter
+    return inter / union.clamp(min=torch.finfo(union.dtype).tiny)
 
 
 class YoloBoxCoder:

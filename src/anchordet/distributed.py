@@ -1,4 +1,4 @@
-"""Exact distributed evaluation: gather every rank's results and count each image once.
+"""Distributed runs: exact evaluation across ranks, and leaving the process clean for the next job.
 
 Lightning's DistributedSampler pads the last batches by repeating images when the val set does not
 divide by the number of ranks. Averaging per-rank metrics would count those repeats (and weigh ranks
@@ -8,7 +8,32 @@ an image are kept from exactly one copy of that image.
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
+
 import torch.distributed as dist
+
+# What Lightning's DDP launcher leaves in the launching process: the next job of a sweep would see
+# them, take itself for an externally launched rank and wait forever for peers that never start.
+LAUNCHER_ENV_KEYS = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+
+
+@contextlib.contextmanager
+def distributed_job_scope() -> Iterator[None]:
+    """Leave the process as this job found it: one job's process group and launcher variables must
+    not leak into the next job of a `-m` sweep run by the same process."""
+    saved_env = {key: os.environ.get(key) for key in LAUNCHER_ENV_KEYS}
+    try:
+        yield
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def is_distributed() -> bool:

@@ -28,6 +28,19 @@ DETECTION_STAT_NAMES = (
     "mAP", "mAP_50", "mAP_75", "mAP_small", "mAP_medium", "mAP_large",
     "AR_1", "AR_10", "AR_100", "AR_small", "AR_medium", "AR_large",
 )
+#: proposal budgets of the RPN papers and Detectron2: AR@100, AR@300, AR@1000.
+PROPOSAL_BUDGETS = (100, 300, 1000)
+
+
+def proposal_metric_names(max_proposals=PROPOSAL_BUDGETS) -> tuple[str, ...]:
+    """What `evaluate_proposals` reports: AR at each budget, then by object size at the largest."""
+    largest = max_proposals[-1]
+    return (*(f"AR@{n}" for n in max_proposals),
+            *(f"AR_{area}@{largest}" for area in ("small", "medium", "large")))
+
+
+#: the metrics validation logs (as ``val/<name>``) for each head task (``head.task``).
+METRICS_OF_TASK = {"detections": DETECTION_STAT_NAMES, "proposals": proposal_metric_names()}
 
 
 @dataclass
@@ -134,7 +147,7 @@ def evaluate_detections(
 
 def evaluate_proposals(
     annotation_file: str | Path | COCO, results: list[dict], image_ids=None,
-    max_proposals=(100, 300, 1000),
+    max_proposals=PROPOSAL_BUDGETS,
 ) -> CocoEvaluation:
     """Class-agnostic average recall of proposals, the way Detectron2 and the RPN papers report it.
 

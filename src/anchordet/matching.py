@@ -1,38 +1,84 @@
-"""Matchers: which ground-truth box each placed anchor learns from.
+"""Matchers: which ground-truth box each placed anchor learns from, behind one contract.
 
-Shape glossary: B images, M ground-truth slots per image (padded), L pyramid levels, Al anchor shapes
-on level l, K = sum_l Al anchor shapes in all, Hl/Wl grid size of level l, N = sum_l Hl * Wl * Al
-placed anchors in ``(level, y, x, a)`` order (the order of :class:`anchordet.anchors.AnchorGrid`).
-Boxes are xyxy in network-input pixels.
+Shape glossary: B images, M ground-truth slots per image (padded), K anchor shapes over all levels,
+N = sum_l Hl * Wl * Al placed anchors in ``(level, y, x, a)`` order (the order of
+:class:`anchordet.anchors.AnchorGrid`). Boxes are xyxy in network-input pixels.
 
-- :func:`pad_targets`: list of per-image targets -> padded ``[B, M, ...]`` tensors and a mask.
-- :class:`YoloMatcher`: YOLOv2/v3 assignment by best *shape* IoU, one cell per GT.
-- :func:`match_iou_matrix` / :class:`IoUMatcher`: IoU-threshold matching of the Faster R-CNN RPN.
+The contract every matcher meets (``docs/architecture.md`` has a worked example)::
+
+    matcher(anchors: AnchorGrid, gt_boxes [B, M, 4], gt_mask [B, M]) -> MatchResult
+    MatchResult.matched_gt [B, N] int64: the GT slot 0..M-1 of a foreground anchor, -1 otherwise
+    MatchResult.labels     [B, N] int64: 1 foreground, 0 background, -1 ignored (neither)
+
+``matched_gt >= 0`` exactly where ``labels == 1``. A matcher may also expose ``foreground_iou``
+(float or None): the IoU at which it calls an anchor foreground, for coverage statistics.
+
+- :func:`pad_targets`: list of per-image targets -> :class:`PaddedTargets` ``[B, M, ...]``.
+- :class:`YoloMatcher`: YOLOv2/v3 assignment by best *shape* IoU, one cell per GT; no ignored anchors.
+- :func:`match_iou_matrix` / :class:`IoUMatcher`: IoU thresholds (Faster R-CNN RPN, RetinaNet).
 - :class:`BalancedSampler`: a fixed number of anchors per image, at most a fraction positive.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from torchvision.ops import box_iou
 
-from anchordet.anchors.kmeans import shape_iou
-from anchordet.boxes import box_wh
+from anchordet.anchors.placement import AnchorGrid
+from anchordet.boxes import box_wh, shape_iou
 
+FOREGROUND, BACKGROUND, IGNORE = 1, 0, -1
 UNMATCHED = -1
-# torchvision's Matcher convention for anchors between the IoU thresholds: neither fg nor bg.
-BETWEEN_THRESHOLDS = -2
 
 
-def pad_targets(targets: Sequence[dict]) -> tuple[Tensor, Tensor, Tensor]:
+class PaddedTargets(NamedTuple):
+    """A batch of ground truth padded to M slots: ``boxes [B, M, 4]`` float32 xyxy input px,
+    ``labels [B, M]`` int64, ``mask [B, M]`` bool (True = a real box, False = padding)."""
+
+    boxes: Tensor
+    labels: Tensor
+    mask: Tensor
+
+    def to(self, device: torch.device | str) -> PaddedTargets:
+        return PaddedTargets(*(t.to(device) for t in self))
+
+
+class MatchResult(NamedTuple):
+    """What a matcher decides per anchor: ``matched_gt [B, N]`` (GT slot or -1) and ``labels [B, N]``
+    (1 foreground, 0 background, -1 ignored). Heads refine the labels with their own rules
+    (``head.anchor_roles``) and return another ``MatchResult``."""
+
+    matched_gt: Tensor
+    labels: Tensor
+
+    @property
+    def positive(self) -> Tensor:
+        return self.labels == FOREGROUND
+
+    @property
+    def negative(self) -> Tensor:
+        return self.labels == BACKGROUND
+
+    @property
+    def ignored(self) -> Tensor:
+        return self.labels == IGNORE
+
+
+def labels_from_matched(matched_gt: Tensor) -> Tensor:
+    """Foreground where an anchor has a GT, background elsewhere (matchers without an ignore band)."""
+    return torch.where(matched_gt >= 0, FOREGROUND, BACKGROUND)
+
+
+def pad_targets(targets: Sequence[dict]) -> PaddedTargets:
     """Pad per-image ``{"boxes": [n_i, 4] xyxy, "labels": [n_i]}`` to a batch.
 
-    Returns ``gt_boxes [B, M, 4]`` float32 xyxy, ``gt_labels [B, M]`` int64 and ``gt_mask [B, M]``
-    bool (True = real box) with ``M = max(1, max_i n_i)``; padding is zeros.  Everything lives on the
+    Returns :class:`PaddedTargets` ``(boxes [B, M, 4] float32 xyxy, labels [B, M] int64, mask [B, M]
+    bool)`` with ``M = max(1, max_i n_i)``; padding is zeros.  Everything lives on the
     device of the boxes, so an all-empty batch still gives well-formed ``[B, 1, ...]`` tensors.
     """
     boxes = [t["boxes"].reshape(-1, 4) for t in targets]
@@ -54,7 +100,7 @@ def pad_targets(targets: Sequence[dict]) -> tuple[Tensor, Tensor, Tensor]:
         gt_boxes[image_index, slot] = torch.cat(boxes).to(device, torch.float32)
         gt_labels[image_index, slot] = torch.cat(labels).to(device, torch.long)
         gt_mask[image_index, slot] = True
-    return gt_boxes, gt_labels, gt_mask
+    return PaddedTargets(gt_boxes, gt_labels, gt_mask)
 
 
 class YoloMatcher:
@@ -64,61 +110,33 @@ class YoloMatcher:
     the GT is largest, and is assigned to that shape at the grid cell containing the GT centre on
     that shape's level.  With ``multi_anchor_iou = t`` every other shape with shape-IoU > t also
     gets the GT at its own level's cell (the "multiple anchors per GT" refinement of later YOLOs),
-    which gives more positives per object.
-
-    ``__call__`` returns ``matched_gt [B, N]`` int64: the GT slot in ``0..M-1`` or -1.
+    which gives more positives per object. Every other anchor is background: this matcher has no
+    ignore band (the YOLO head adds its own, prediction-based one).
     """
+
+    foreground_iou = None  # no IoU threshold between placed anchors and boxes
 
     def __init__(self, multi_anchor_iou: float | None = None) -> None:
         if multi_anchor_iou is not None and not 0.0 <= float(multi_anchor_iou) < 1.0:
             raise ValueError(f"matcher.multi_anchor_iou must be in [0, 1) or null, got {multi_anchor_iou}")
         self.multi_anchor_iou = None if multi_anchor_iou is None else float(multi_anchor_iou)
 
-    def __call__(
-        self,
-        gt_boxes: Tensor,
-        gt_mask: Tensor,
-        anchor_shapes_per_level: Sequence[Tensor],
-        strides: Sequence[float],
-        grid_sizes: Sequence[tuple[int, int]],
-    ) -> Tensor:
-        if not len(anchor_shapes_per_level) == len(strides) == len(grid_sizes):
-            raise ValueError(
-                f"YoloMatcher needs one entry per level: got {len(anchor_shapes_per_level)} shape sets, "
-                f"{len(strides)} strides and {len(grid_sizes)} grid sizes"
-            )
+    @torch.no_grad()
+    def __call__(self, anchors: AnchorGrid, gt_boxes: Tensor, gt_mask: Tensor) -> MatchResult:
         device = gt_boxes.device
         num_images, num_slots = gt_mask.shape
-        shapes = [s.to(device=device, dtype=torch.float32).reshape(-1, 2) for s in anchor_shapes_per_level]
-
-        # Per-shape view of the levels, all [K]: the level a shape lives on, its index a inside that
-        # level, and that level's stride, grid size and first index in the flat (level, y, x, a) order.
-        shapes_per_level = torch.tensor([s.shape[0] for s in shapes], dtype=torch.long, device=device)
-        level_height = torch.tensor([int(h) for h, _ in grid_sizes], dtype=torch.long, device=device)
-        level_width = torch.tensor([int(w) for _, w in grid_sizes], dtype=torch.long, device=device)
-        level_count = level_height * level_width * shapes_per_level
-        level_start = level_count.cumsum(0) - level_count
-        num_anchors = int(level_count.sum())
-        all_shapes = torch.cat(shapes)
-        if all_shapes.shape[0] == 0:
+        num_anchors = anchors.num_anchors
+        if anchors.shape_wh.shape[0] == 0:
             raise ValueError("YoloMatcher got no anchor shapes on any level")
-        shape_level = torch.repeat_interleave(torch.arange(len(shapes), device=device), shapes_per_level)
-        shape_index_in_level = (
-            torch.arange(all_shapes.shape[0], device=device)
-            - (shapes_per_level.cumsum(0) - shapes_per_level)[shape_level]
-        )
-        shape_stride = torch.tensor([float(s) for s in strides], dtype=torch.float32, device=device)[shape_level]
-        shape_height, shape_width = level_height[shape_level], level_width[shape_level]
-        shape_start, shape_count = level_start[shape_level], shapes_per_level[shape_level]
-
         matched = torch.full((num_images * num_anchors,), UNMATCHED, dtype=torch.long, device=device)
-        if num_images * num_slots == 0 or not bool(gt_mask.any()):
-            return matched.view(num_images, num_anchors)
+        if num_images * num_slots == 0:
+            matched = matched.view(num_images, num_anchors)
+            return MatchResult(matched, labels_from_matched(matched))
 
         # (B, M, 4) -> (B*M, 4): every GT slot of the batch handled at once.
         flat_boxes = gt_boxes.reshape(-1, 4).float()
         flat_wh = box_wh(flat_boxes)
-        iou = shape_iou(flat_wh, all_shapes)  # (B*M, K)
+        iou = shape_iou(flat_wh, anchors.shape_wh)  # (B*M, K)
         best_shape = iou.argmax(dim=1)  # ties -> first shape in level order (finer level first)
         is_best = torch.zeros_like(iou, dtype=torch.bool)
         is_best[torch.arange(iou.shape[0], device=device), best_shape] = True
@@ -128,16 +146,15 @@ class YoloMatcher:
         # Cell containing the GT centre on every shape's level, (B*M, K); a centre on the far border
         # (x == W * stride) or outside the image is clamped into the grid rather than dropped.
         centre = 0.5 * (flat_boxes[:, 0:2] + flat_boxes[:, 2:4])
-        column = torch.floor(centre[:, 0:1] / shape_stride).long().clamp(min=0)
-        column = torch.minimum(column, shape_width - 1)
-        row = torch.floor(centre[:, 1:2] / shape_stride).long().clamp(min=0)
-        row = torch.minimum(row, shape_height - 1)
+        shape_stride = anchors.shape_stride[:, 0]  # [K]
+        width, height = anchors.shape_grid_wh[:, 0], anchors.shape_grid_wh[:, 1]  # [K] each
+        column = torch.minimum(torch.floor(centre[:, 0:1] / shape_stride).long().clamp(min=0), width - 1)
+        row = torch.minimum(torch.floor(centre[:, 1:2] / shape_stride).long().clamp(min=0), height - 1)
         image_of_slot = torch.arange(num_images, device=device).repeat_interleave(num_slots)[:, None]
         flat_index = (
             image_of_slot * num_anchors
-            + shape_start
-            + (row * shape_width + column) * shape_count
-            + shape_index_in_level
+            + anchors.shape_first_anchor
+            + (row * width + column) * anchors.shape_per_cell
         )
 
         # nonzero walks (B*M, K) row-major, so claims arrive ordered by (image, slot, shape).
@@ -164,15 +181,13 @@ class YoloMatcher:
         first[1:] = target_sorted[1:] != target_sorted[:-1]
         # Winning targets are unique, so this plain indexed write has no ordering ambiguity.
         matched[target_sorted[first]] = gt_of_claim[order][first]
-        return matched.view(num_images, num_anchors)
+        matched = matched.view(num_images, num_anchors)
+        return MatchResult(matched, labels_from_matched(matched))
 
 
 # ---------------------------------------------------------------------------------------------------
 # IoU-threshold matching and balanced sampling (Faster R-CNN RPN: Ren et al., "Faster R-CNN", 2015)
 # ---------------------------------------------------------------------------------------------------
-
-FOREGROUND, BACKGROUND, IGNORE = 1, 0, -1
-
 
 def match_iou_matrix(
     iou: Tensor,
@@ -180,7 +195,7 @@ def match_iou_matrix(
     fg_iou: float = 0.7,
     bg_iou: float = 0.3,
     allow_low_quality: bool = True,
-) -> tuple[Tensor, Tensor]:
+) -> MatchResult:
     """Threshold an anchor x GT IoU matrix: ``iou [B, N, M]`` or ``[N, M]``, ``gt_mask [B, M]`` / ``[M]``.
 
     Every anchor takes its highest-IoU GT (ties: the lower slot). It is foreground when that IoU is
@@ -193,9 +208,7 @@ def match_iou_matrix(
 
     Padding slots (``gt_mask`` False) never match: their IoU is replaced by -1 before anything else.
 
-    Returns ``matched_gt [B, N]`` (or ``[N]``) int64 -- the GT slot for foreground, -1 (UNMATCHED)
-    for background, -2 (BETWEEN_THRESHOLDS) for ignored, torchvision's ``Matcher`` convention --
-    and ``labels`` of the same shape: 1 foreground, 0 background, -1 ignored.
+    Returns a :class:`MatchResult` of the input's batch shape (``[B, N]`` or ``[N]``).
     """
     if not 0.0 <= bg_iou <= fg_iou <= 1.0:
         raise ValueError(f"matcher needs 0 <= bg_iou <= fg_iou <= 1, got bg_iou={bg_iou}, fg_iou={fg_iou}")
@@ -209,40 +222,35 @@ def match_iou_matrix(
     if gt_mask is None:
         gt_mask = torch.ones((num_images, num_slots), dtype=torch.bool, device=iou.device)
     if num_slots == 0:
-        matched = torch.full((num_images, num_anchors), UNMATCHED, dtype=torch.long, device=iou.device)
+        best_gt = torch.zeros((num_images, num_anchors), dtype=torch.long, device=iou.device)
+        labels = torch.full_like(best_gt, BACKGROUND)
     else:
         # NaN (0/0 of two empty boxes) and padding both become -1: below any threshold, never a best GT.
         iou = iou.float().nan_to_num(0.0).masked_fill(~gt_mask[:, None, :], -1.0)
         best_iou, best_gt = iou.max(dim=2)  # [B, N]; max returns the first maximal index on ties
-        matched = torch.where(best_iou >= fg_iou, best_gt, torch.full_like(best_gt, UNMATCHED))
-        matched = torch.where((best_iou >= bg_iou) & (best_iou < fg_iou), BETWEEN_THRESHOLDS, matched)
+        labels = torch.where(best_iou >= fg_iou, FOREGROUND,
+                             torch.where(best_iou >= bg_iou, IGNORE, BACKGROUND))
         if allow_low_quality:
             best_per_gt = iou.amax(dim=1, keepdim=True)  # [B, 1, M]
             # [B, N, M] -> [B, N]: an anchor holding some real GT's highest IoU (> 0), ties included.
             is_gt_best = ((iou == best_per_gt) & (best_per_gt > 0)).any(dim=2)
-            matched = torch.where(is_gt_best, best_gt, matched)
-    labels = torch.full_like(matched, BACKGROUND)
-    labels = torch.where(matched >= 0, FOREGROUND, torch.where(matched == BETWEEN_THRESHOLDS, IGNORE, labels))
+            labels = torch.where(is_gt_best, FOREGROUND, labels)
+    matched = torch.where(labels == FOREGROUND, best_gt, UNMATCHED)
     if unbatched:
-        return matched[0], labels[0]
-    return matched, labels
+        return MatchResult(matched[0], labels[0])
+    return MatchResult(matched, labels)
 
 
 class IoUMatcher:
     """IoU between every placed anchor and every GT box, thresholded by :func:`match_iou_matrix`.
 
     Args:
-        fg_iou, bg_iou: foreground ``>= fg_iou``, background ``< bg_iou``, ignored in between.
+        fg_iou, bg_iou: foreground ``>= fg_iou``, background ``< bg_iou``, ignored in between
+            (0.7 / 0.3 for the Faster R-CNN RPN, 0.5 / 0.4 for RetinaNet).
         allow_low_quality: each GT also keeps its highest-IoU anchors (see ``match_iou_matrix``).
-        ignore_cross_boundary: anchors not fully inside the input image get label -1 (ignored), as
-            the Faster R-CNN paper trains; needs ``image_size``. Off by default, as in torchvision
-            and Detectron2, which train on every anchor.
-
-    ``__call__(anchor_boxes [N, 4], gt_boxes [B, M, 4], gt_mask [B, M], image_size=None)`` with
-    boxes xyxy in input pixels and ``image_size`` an int or ``(height, width)`` returns
-    ``(matched_gt [B, N], labels [B, N])``, see ``match_iou_matrix``; ignored cross-boundary anchors
-    get ``matched_gt = -2`` as well, so ``matched_gt >= 0`` always equals ``labels == 1``.
-    Callers go through ``RpnHead.match`` / ``match_with_labels``, which pass the placed anchors.
+        ignore_cross_boundary: anchors not fully inside the network input (``anchors.input_size``)
+            are ignored, as the Faster R-CNN paper trains. Off by default, as in torchvision and
+            Detectron2, which train on every anchor.
     """
 
     def __init__(
@@ -260,37 +268,32 @@ class IoUMatcher:
         self.allow_low_quality = bool(allow_low_quality)
         self.ignore_cross_boundary = bool(ignore_cross_boundary)
 
-    def __call__(
-        self,
-        anchor_boxes: Tensor,
-        gt_boxes: Tensor,
-        gt_mask: Tensor,
-        image_size: int | tuple[int, int] | None = None,
-    ) -> tuple[Tensor, Tensor]:
-        """anchor_boxes [N, 4], gt_boxes [B, M, 4] (xyxy input px), gt_mask [B, M] -> (matched_gt, labels) [B, N]."""
-        if anchor_boxes.ndim != 2 or anchor_boxes.shape[-1] != 4:
-            raise ValueError(f"IoUMatcher: anchor_boxes must be [N, 4] xyxy, got {tuple(anchor_boxes.shape)}")
+    @property
+    def foreground_iou(self) -> float:
+        return self.fg_iou
+
+    @torch.no_grad()
+    def __call__(self, anchors: AnchorGrid, gt_boxes: Tensor, gt_mask: Tensor) -> MatchResult:
         if gt_boxes.ndim != 3 or gt_mask.shape != gt_boxes.shape[:2]:
             raise ValueError(
                 f"IoUMatcher: gt_boxes must be [B, M, 4] with gt_mask [B, M], got "
                 f"{tuple(gt_boxes.shape)} and {tuple(gt_mask.shape)}"
             )
+        anchor_boxes = anchors.boxes
         # (N, 4) -> (1, N, 4): box_iou broadcasts the leading dim, one [B, N, M] matrix for the batch.
         iou = box_iou(anchor_boxes.float()[None], gt_boxes.float())
-        matched, labels = match_iou_matrix(iou, gt_mask, self.fg_iou, self.bg_iou, self.allow_low_quality)
-        if self.ignore_cross_boundary:
-            if image_size is None:
-                raise ValueError("matcher.ignore_cross_boundary=true needs the image size; pass image_size")
-            height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
-            inside = (
-                (anchor_boxes[:, 0] >= 0)
-                & (anchor_boxes[:, 1] >= 0)
-                & (anchor_boxes[:, 2] <= width)
-                & (anchor_boxes[:, 3] <= height)
-            )  # [N], broadcast over the batch below
-            matched = torch.where(inside, matched, BETWEEN_THRESHOLDS)
-            labels = torch.where(inside, labels, IGNORE)
-        return matched, labels
+        match = match_iou_matrix(iou, gt_mask, self.fg_iou, self.bg_iou, self.allow_low_quality)
+        if not self.ignore_cross_boundary:
+            return match
+        height, width = anchors.input_size
+        inside = (
+            (anchor_boxes[:, 0] >= 0)
+            & (anchor_boxes[:, 1] >= 0)
+            & (anchor_boxes[:, 2] <= width)
+            & (anchor_boxes[:, 3] <= height)
+        )  # [N], broadcast over the batch below
+        return MatchResult(torch.where(inside, match.matched_gt, UNMATCHED),
+                           torch.where(inside, match.labels, IGNORE))
 
 
 class BalancedSampler:

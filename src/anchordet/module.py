@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
 
 from anchordet.data.categories import CategoryMap
 from anchordet.data.transforms import to_original_frame
@@ -25,6 +27,10 @@ from anchordet.evaluation import (
     to_coco_results,
 )
 from anchordet.distributed import gather_results
+from anchordet.models.heads.common import DETECTIONS, PROPOSALS
+
+# The metric shown in the progress bar, per head task (the name COCOeval's wrapper gives it).
+HEADLINE_METRIC = {DETECTIONS: "mAP", PROPOSALS: "AR@1000"}
 
 log = logging.getLogger("anchordet")
 
@@ -33,12 +39,42 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 100,
+                  warmup_start_factor: float = 0.001, min_lr_factor: float = 0.05) -> LambdaLR:
+    """Linear warm-up (Goyal et al. 2017) then cosine decay to ``min_lr_factor`` (the SGDR shape),
+    stepped once per optimiser step. The warm-up keeps the first large-gradient steps of a randomly
+    initialised head from wrecking the backbone; it is capped at a third of a short run."""
+    warmup = min(int(warmup_steps), max(1, total_steps // 3))
+    start, floor = float(warmup_start_factor), float(min_lr_factor)
+
+    def lr_factor(step: int) -> float:
+        if step < warmup:
+            return start + (1.0 - start) * step / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return LambdaLR(optimizer, lr_factor)
+
+
 class DetectionModule(L.LightningModule):
     """Trains a `Detector`; validates with COCOeval on the val annotation file.
 
-    `task` is "detection" (mAP, needs class labels) or "proposals" (class-agnostic AR, for the RPN).
-    `run_config` is the composed config as a plain dict; it is saved in checkpoints so
-    `evaluate.py` can rebuild the model without the user retyping overrides.
+    What is evaluated follows the head's ``task``: "detections" (mAP, needs class labels) or
+    "proposals" (class-agnostic AR, for the RPN).
+
+    Args:
+        detector: the `Detector`.
+        category_map: COCO ids <-> labels of the training data (saved in checkpoints).
+        val_annotation_file: the JSON COCOeval scores validation against (None: no evaluation).
+        optimizer: ``optimizer(param_groups) -> torch.optim.Optimizer``, e.g. the Hydra partial
+            ``torch.optim.SGD`` of ``conf/optim``; None for a module that is only evaluated.
+        scheduler: ``scheduler(optimizer, total_steps=...) -> LRScheduler``, stepped every
+            optimiser step (default: `warmup_cosine` with its defaults).
+        channels_last: store the detector and the batches channels-last (faster convolutions).
+        run_config: the composed config as a plain dict; saved in checkpoints so `evaluate.py` can
+            rebuild the model without the user retyping overrides.
+        anchor_report: the anchor builder's report (fitness against the training boxes), which the
+            anchor picture callback writes to TensorBoard; None after a resume.
     """
 
     def __init__(
@@ -46,40 +82,32 @@ class DetectionModule(L.LightningModule):
         detector: nn.Module,
         category_map: CategoryMap,
         val_annotation_file: str | None = None,
-        task: str = "detection",
-        optimizer: str = "sgd",
-        lr: float = 0.01,
-        momentum: float = 0.9,
-        betas: tuple[float, float] = (0.9, 0.999),
-        weight_decay: float = 5e-4,
-        warmup_steps: int = 200,
-        warmup_start_factor: float = 0.001,
-        min_lr_factor: float = 0.05,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
         channels_last: bool = True,
         run_config: dict | None = None,
+        anchor_report: dict | None = None,
     ) -> None:
         super().__init__()
-        if task not in ("detection", "proposals"):
-            raise ValueError(f"task must be 'detection' or 'proposals', got {task!r}")
-        if optimizer not in ("sgd", "adamw"):
-            raise ValueError(f"optim.optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
         self.detector = detector
         self.category_map = category_map
         self.val_annotation_file = val_annotation_file
-        self.task = task
-        self.optimizer_name = optimizer
-        self.lr, self.momentum, self.betas = lr, momentum, tuple(betas)
-        self.weight_decay = weight_decay
-        self.warmup_steps, self.warmup_start_factor = warmup_steps, warmup_start_factor
-        self.min_lr_factor = min_lr_factor
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler or warmup_cosine
         self.use_channels_last = channels_last
         self.run_config = run_config or {}
+        self.anchor_report = anchor_report
         self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255, persistent=False)
         self._val_results: list[dict] = []
         self._val_image_ids: list[int] = []
         if channels_last:
             self.detector.to(memory_format=torch.channels_last)
+
+    @property
+    def task(self) -> str:
+        """What the head produces: "detections" or "proposals" (the head says, see heads/common.py)."""
+        return self.detector.head.task
 
     # ---------------------------------------------------------------- data on the device
     def on_after_batch_transfer(self, batch, dataloader_idx: int = 0):
@@ -107,7 +135,7 @@ class DetectionModule(L.LightningModule):
         predictions = self.detector.predict(images)
         # Proposals are class-agnostic (label 0); they are written under the first category id
         # because COCOeval only looks detections up under the annotation file's ids.
-        category_ids = self.category_map.category_ids if self.task == "detection" else self.category_map.category_ids[:1]
+        category_ids = self.category_map.category_ids if self.task == DETECTIONS else self.category_map.category_ids[:1]
         for prediction, target in zip(predictions, targets):
             boxes = to_original_frame(prediction["boxes"], target)
             self._val_results.extend(to_coco_results(
@@ -123,11 +151,10 @@ class DetectionModule(L.LightningModule):
         metrics = self.compute_metrics(results, image_ids)
         # Every rank computed the same numbers from the same gathered list: no sync needed.
         self.log_dict({f"val/{k}": v for k, v in metrics.items()}, prog_bar=False, sync_dist=False)
-        headline = "val/mAP" if self.task == "detection" else "val/AR@1000"
-        self.log("val_headline", metrics[headline.split("/")[1]], prog_bar=True, logger=False)
+        self.log("val_headline", metrics[HEADLINE_METRIC[self.task]], prog_bar=True, logger=False)
 
     def compute_metrics(self, results: list[dict], image_ids: list[int]) -> dict[str, float]:
-        if self.task == "proposals":
+        if self.task == PROPOSALS:
             evaluation = evaluate_proposals(self.val_annotation_file, results, image_ids)
         else:
             evaluation = evaluate_detections(self.val_annotation_file, results, image_ids)
@@ -138,34 +165,22 @@ class DetectionModule(L.LightningModule):
     # ---------------------------------------------------------------- optimisation
     def parameter_groups(self) -> list[dict]:
         """Weight decay on conv/linear weights only: decaying norm scales and biases pulls them to 0
-        and hurts detectors (the bag-of-tricks result, He et al. 2019), so they get none."""
+        and hurts detectors (the bag-of-tricks result, He et al. 2019), so they get none. The first
+        group takes the optimizer's own ``weight_decay``."""
         decay, no_decay = [], []
         for name, param in self.named_parameters():
             if not param.requires_grad:
                 continue
             (no_decay if param.ndim <= 1 or name.endswith(".bias") else decay).append(param)
-        return [{"params": decay, "weight_decay": self.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0}]
+        return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 
     def configure_optimizers(self):
-        groups = self.parameter_groups()
-        if self.optimizer_name == "sgd":
-            optimizer = torch.optim.SGD(groups, lr=self.lr, momentum=self.momentum, nesterov=True)
-        else:
-            optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas)
+        if self.optimizer_factory is None:
+            raise ValueError("DetectionModule was built without an optimizer; pass optimizer=... "
+                             "(train.py takes it from the optim config group)")
+        optimizer = self.optimizer_factory(self.parameter_groups())
         total_steps = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = min(self.warmup_steps, max(1, total_steps // 3))
-        start, floor = self.warmup_start_factor, self.min_lr_factor
-
-        def lr_factor(step: int) -> float:
-            # Linear warm-up (Goyal et al. 2017) keeps the first large-gradient steps of a randomly
-            # initialised head from wrecking the backbone; then cosine decay to `floor` (SGDR shape).
-            if step < warmup:
-                return start + (1.0 - start) * step / warmup
-            progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-            return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+        scheduler = self.scheduler_factory(optimizer, total_steps=total_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ---------------------------------------------------------------- checkpoints
@@ -176,7 +191,7 @@ class DetectionModule(L.LightningModule):
             "run_config": self.run_config,
             "category_map": self.category_map.to_dict(),
             "anchor_shapes_per_level": [s.cpu().tolist() for s in self.detector.anchor_shapes_per_level],
-            "task": self.task,
+            "anchor_offset": self.detector.anchor_offset,
         }
 
 

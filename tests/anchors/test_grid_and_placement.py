@@ -32,12 +32,13 @@ def test_grid_shapes_match_torchvision_cell_anchors():
 
 def test_grid_anchors_build_checks_levels_and_reports():
     anchors = GridAnchors(sizes_per_level=[32, 64], aspect_ratios=(1.0,))  # shorthand: one size per level
-    shapes = anchors.build(torch.tensor([[32.0, 32.0], [64.0, 16.0]]), num_levels=2)
+    shapes, report = anchors.build(torch.tensor([[32.0, 32.0], [64.0, 16.0]]), num_levels=2)
     assert [s.tolist() for s in shapes] == [[[32.0, 32.0]], [[64.0, 64.0]]]
     # (64, 16) vs (32, 32): inter 32*16 = 512, union 1024 + 1024 - 512 = 1536 -> 1/3; vs (64, 64): 1/4.
-    assert anchors.last_report["grid"]["mean_best_iou"] == pytest.approx((1 + 1 / 3) / 2)
-    assert GridAnchors([[32.0]]).build(None, num_levels=1)[0].shape == (3, 2)
-    with pytest.raises(ValueError, match=r"anchor\.sizes_per_level has 2 levels .* 3 pyramid levels"):
+    assert report["grid"]["mean_best_iou"] == pytest.approx((1 + 1 / 3) / 2)
+    shapes, report = GridAnchors([[32.0]]).build(None, num_levels=1)
+    assert shapes[0].shape == (3, 2) and report == {}
+    with pytest.raises(ValueError, match=r"anchor\.sizes_per_level has 2 levels but backbone\.levels has 3.*anchor=kmeans"):
         anchors.build(None, num_levels=3)
     with pytest.raises(ValueError, match="aspect_ratios"):
         grid_anchor_shapes([[32.0]], [0.0])
@@ -73,11 +74,10 @@ def test_place_anchors_offset_0_equals_torchvision_anchor_generator():
 def test_anchor_grid_two_levels_and_an_empty_level():
     shapes_per_level = [torch.tensor([[8.0, 8.0], [16.0, 8.0]]), torch.zeros(0, 2), torch.tensor([[50.0, 60.0]])]
     strides, grid_sizes = [8, 16, 32], [(2, 3), (1, 2), (1, 1)]
-    grid = AnchorGrid.build(shapes_per_level, strides, grid_sizes, offset=0.5)
+    grid = AnchorGrid.build(shapes_per_level, strides, grid_sizes, (16, 24), offset=0.5)
     assert grid.num_per_level == [2 * 3 * 2, 0, 1]
-    assert grid.num_anchors == 13
+    assert grid.num_anchors == 13 and grid.input_size == (16, 24)
     assert grid.boxes.shape == (13, 4) and grid.cell_xy.shape == (13, 2) and grid.stride.shape == (13, 1)
-    assert grid.level.tolist() == [0] * 12 + [2]
     torch.testing.assert_close(grid.boxes[:12], place_anchors(shapes_per_level[0], 8, 2, 3))
     torch.testing.assert_close(grid.boxes[12], torch.tensor([-9.0, -14.0, 41.0, 46.0]))  # centre (16, 16)
     # Index 9 = level 0, (y, x, a) = (1, 1, 1): cell (column 1, row 1), shape (16, 8).
@@ -89,5 +89,13 @@ def test_anchor_grid_two_levels_and_an_empty_level():
     torch.testing.assert_close(centre, (grid.cell_xy + 0.5) * grid.stride)
     torch.testing.assert_close(grid.boxes[:, 2:] - grid.boxes[:, :2], grid.anchor_wh)
     assert [t.shape[0] for t in grid.split_per_level(grid.boxes)] == [12, 0, 1]
+    # Per-shape tables, level order: the two level-0 shapes, then the level-2 shape.
+    torch.testing.assert_close(grid.shape_wh, torch.tensor([[8.0, 8.0], [16.0, 8.0], [50.0, 60.0]]))
+    assert grid.shape_stride[:, 0].tolist() == [8.0, 8.0, 32.0]
+    assert grid.shape_grid_wh.tolist() == [[3, 2], [3, 2], [1, 1]]  # (Wl, Hl)
+    assert grid.shape_per_cell.tolist() == [2, 2, 1]
+    assert grid.shape_first_anchor.tolist() == [0, 1, 12]
+    # The shape at cell (x, y) is row first + (y * Wl + x) * Al: shape 1 at (1, 1) is row 9.
+    assert grid.shape_first_anchor[1] + (1 * 3 + 1) * grid.shape_per_cell[1] == 9
     with pytest.raises(ValueError, match="one entry per level"):
-        AnchorGrid.build(shapes_per_level, strides[:2], grid_sizes)
+        AnchorGrid.build(shapes_per_level, strides[:2], grid_sizes, (16, 24))

@@ -7,12 +7,13 @@ import torch
 import anchordet.anchors.kmeans as kmeans_module
 from anchordet.anchors import (
     KMeansAnchors,
+    best_shape_iou,
     compare_with_grid,
     fitness_report,
     kmeans_anchor_shapes,
-    shape_iou,
     split_over_levels,
 )
+from anchordet.boxes import shape_iou
 
 
 def test_shape_iou_hand_values():
@@ -94,6 +95,7 @@ def test_fitness_report_hand_made():
     assert report["anchors_per_level"] == [1, 1]
     assert report["mean_best_iou"] == pytest.approx(7 / 9)
     assert report["best_possible_recall"] == pytest.approx(2 / 3)
+    torch.testing.assert_close(best_shape_iou(boxes, shapes_per_level), torch.tensor([1.0, 1.0, 1 / 3]))
 
     # A grid of only (10, 10): best IoUs 1, 1/4, 1/4 -> mean 1/2, recall 1/3.
     comparison = compare_with_grid(boxes, shapes_per_level, [torch.tensor([[10.0, 10.0]]), torch.zeros(0, 2)])
@@ -114,16 +116,15 @@ def test_kmeans_anchors_build_report_and_cache(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(kmeans_module, "kmeans_anchor_shapes", counting)
     caplog.set_level(logging.INFO, logger="anchordet.anchors")
 
-    first = KMeansAnchors(k=3, cache_dir=tmp_path).build(boxes, num_levels=3, fingerprint="data-v1")
+    first, first_report = KMeansAnchors(k=3, cache_dir=tmp_path).build(boxes, num_levels=3)
     assert len(calls) == 1 and [s.shape for s in first] == [(1, 2), (1, 2), (1, 2)]
     assert len(list(tmp_path.glob("kmeans_anchors_*.json"))) == 1
+    assert first_report["from_cache"] is False
 
-    anchors = KMeansAnchors(k=3, cache_dir=tmp_path)
-    second = anchors.build(boxes, num_levels=3, fingerprint="data-v1")
+    second, report = KMeansAnchors(k=3, cache_dir=tmp_path).build(boxes, num_levels=3)
     assert len(calls) == 1, "second build must come from the cache"
     assert all(torch.equal(a, b) for a, b in zip(first, second))
     assert "loaded k-means anchors from cache" in caplog.text
-    report = anchors.last_report
     assert report["from_cache"] is True
     assert report["kmeans"]["mean_best_iou"] > 0.95  # planted clusters with 3 % noise
     assert report["gain_mean_best_iou"] == pytest.approx(
@@ -131,9 +132,11 @@ def test_kmeans_anchors_build_report_and_cache(tmp_path, monkeypatch, caplog):
     )
     assert "gain" in caplog.text
 
-    # A new fingerprint (different data) or different settings must recompute.
-    KMeansAnchors(k=3, cache_dir=tmp_path).build(boxes, num_levels=3, fingerprint="data-v2")
-    KMeansAnchors(k=3, seed=1, cache_dir=tmp_path).build(boxes, num_levels=3, fingerprint="data-v1")
+    # Other boxes (one box 1 % wider: other data or another input size) or other settings recompute.
+    changed = boxes.clone()
+    changed[0, 0] *= 1.01
+    KMeansAnchors(k=3, cache_dir=tmp_path).build(changed, num_levels=3)
+    KMeansAnchors(k=3, seed=1, cache_dir=tmp_path).build(boxes, num_levels=3)
     assert len(calls) == 3
 
 
@@ -144,7 +147,7 @@ def test_kmeans_anchors_ignores_corrupt_cache(tmp_path, caplog):
     (cache_file,) = tmp_path.glob("kmeans_anchors_*.json")
     cache_file.write_text("{not json")
     caplog.set_level(logging.WARNING, logger="anchordet.anchors")
-    shapes = anchors.build(boxes, num_levels=2)
+    shapes, _ = anchors.build(boxes, num_levels=2)
     assert "unreadable" in caplog.text
     assert [s.shape for s in shapes] == [(0, 2), (3, 2)]
     assert len(json.loads(cache_file.read_text())["shapes_per_level"][1]) == 3
@@ -152,14 +155,16 @@ def test_kmeans_anchors_ignores_corrupt_cache(tmp_path, caplog):
 
 def test_k_none_means_k_per_level_times_the_levels_and_explicit_k_wins(tmp_path):
     _, boxes = _planted()
-    five = KMeansAnchors(k=None, k_per_level=3).build(boxes, num_levels=5)
+    five, _ = KMeansAnchors(k=None, k_per_level=3).build(boxes, num_levels=5)
     assert [len(s) for s in five] == [3] * 5  # 15 on P2-P6
     three = KMeansAnchors(k=None, k_per_level=3)
-    assert [len(s) for s in three.build(boxes, num_levels=3)] == [3, 3, 3]  # 9 on P3-P5
+    assert [len(s) for s in three.build(boxes, num_levels=3)[0]] == [3, 3, 3]  # 9 on P3-P5
     # Same clustering as an explicit k=9, so the same cache file serves both.
-    assert three.cache_key(3, 900, "fp") == KMeansAnchors(k=9).cache_key(3, 900, "fp")
-    assert three.cache_key(5, 900, "fp") == KMeansAnchors(k=15).cache_key(5, 900, "fp")
-    assert [len(s) for s in KMeansAnchors(k=10, k_per_level=3).build(boxes, num_levels=5)] == [2] * 5
-    assert [len(s) for s in KMeansAnchors(k=None, k_per_level=2, single_level=True).build(boxes, num_levels=3)] == [0, 0, 6]
+    assert three.cache_key(boxes, 3) == KMeansAnchors(k=9).cache_key(boxes, 3)
+    assert three.cache_key(boxes, 5) == KMeansAnchors(k=15).cache_key(boxes, 5)
+    assert three.cache_key(boxes, 3) != three.cache_key(boxes[1:], 3)
+    assert [len(s) for s in KMeansAnchors(k=10, k_per_level=3).build(boxes, num_levels=5)[0]] == [2] * 5
+    single, _ = KMeansAnchors(k=None, k_per_level=2, single_level=True).build(boxes, num_levels=3)
+    assert [len(s) for s in single] == [0, 0, 6]
     with pytest.raises(ValueError, match="anchor.k_per_level"):
         KMeansAnchors(k=None, k_per_level=None)

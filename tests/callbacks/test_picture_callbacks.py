@@ -10,11 +10,14 @@ import torch
 from hydra import compose, initialize_config_dir
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from anchordet.anchors import placed_anchor_coverage
+from anchordet.app import train
 from anchordet.callbacks import AnchorPictures, FeatureMapPictures, PictureCallback, PredictionPictures
-from anchordet.callbacks.anchors import match_anchors, placed_anchor_coverage
-from anchordet.matching import YoloMatcher
+from anchordet.callbacks.anchors import flatten_numbers
+from anchordet.matching import IoUMatcher, YoloMatcher
 from anchordet.models.backbone import ResNetFPN
 from anchordet.models.detector import Detector
+from anchordet.models.heads.rpn import RpnHead
 from anchordet.models.heads.yolo import YoloHead
 
 REPO = Path(__file__).resolve().parents[2]
@@ -26,16 +29,11 @@ TWO_COLUMNS_OF_512 = 1036
 
 def train_tiny(root: Path, *overrides: str) -> EventAccumulator:
     """`train.py experiment=tiny` in this process, output under `root`; returns its TensorBoard events."""
-    import sys
-
-    sys.path.insert(0, str(REPO))
-    import train
-
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=[
-            "experiment=tiny", "trainer.max_epochs=2", "+trainer.enable_progress_bar=false",
+            "experiment=tiny", "trainer.max_epochs=2",
             f"paths.root_dir={root}", f"paths.output_dir={root / 'run'}", *overrides])
-    train.run_training(cfg)
+    train(cfg)
     size_guidance = {"images": 0, "scalars": 0, "histograms": 0, "tensors": 0}
     return EventAccumulator(str(root / "run" / "tensorboard"), size_guidance=size_guidance).Reload()
 
@@ -80,12 +78,15 @@ def test_pictures_repeat_on_schedule(events):
 
 def test_scalars_and_text(events):
     scalars = set(events.Tags()["scalars"])
-    for tag in ["anchors/mean_best_iou", "anchors/best_possible_recall",
-                *(f"anchors/positives_per_image/{level}" for level in LEVELS),
+    for tag in ["anchors/kmeans/mean_best_iou", "anchors/kmeans/best_possible_recall", "anchors/grid/mean_best_iou",
+                "anchors/gain_mean_best_iou", *(f"anchors/positives_per_image/{level}" for level in LEVELS),
                 "timing/anchor_pictures_s", "timing/feature_pictures_s", "timing/prediction_pictures_s"]:
         assert tag in scalars, tag
-    recall = events.Scalars("anchors/best_possible_recall")[0].value
+    recall = events.Scalars("anchors/kmeans/best_possible_recall")[0].value
     assert 0.0 <= recall <= 1.0
+    # The builder's report is written once, by the callback: no number under a second tag.
+    assert "anchors/mean_best_iou" not in scalars and "anchors/best_possible_recall" not in scalars
+    assert "anchors/report/text_summary" in events.Tags()["tensors"]
     # The YOLO matcher has no foreground IoU threshold, so only the placed best IoU is written.
     assert 0.0 < events.Scalars("anchors/placed_best_iou")[0].value <= 1.0
     assert "anchors/gt_with_foreground_anchor" not in scalars
@@ -98,12 +99,19 @@ def test_turning_callbacks_off_removes_their_tags(tmp_path):
     events = train_tiny(tmp_path, "callbacks.anchor_pictures=null", "callbacks.feature_pictures=null",
                         "trainer.max_epochs=1")
     tags = set(events.Tags()["images"]) | set(events.Tags()["scalars"]) | set(events.Tags()["histograms"])
-    assert not [t for t in tags if t.startswith(("features/", "timing/anchor", "timing/feature"))]
-    assert not [t for t in tags if t.startswith("anchors/") and not t.startswith(("anchors/kmeans", "anchors/grid", "anchors/gain", "anchors/from_cache"))]
+    assert not [t for t in tags if t.startswith(("features/", "timing/anchor", "timing/feature", "anchors/"))]
     assert "predictions/images" in tags
 
 
 # ---------------------------------------------------------------------------- matcher roles
+def tiny_rpn_detector() -> Detector:
+    torch.manual_seed(0)
+    backbone = ResNetFPN(depth=18, levels=LEVELS, norm="group", fpn_channels=32)
+    head = RpnHead(in_channels=32, num_anchors=1, num_levels=3)
+    shapes = [torch.tensor([[8.0, 8.0]]), torch.tensor([[16.0, 32.0]]), torch.tensor([[40.0, 40.0]])]
+    return Detector(backbone, head, shapes, IoUMatcher()).eval()
+
+
 def tiny_detector(ignore_iou: float) -> Detector:
     torch.manual_seed(0)
     shapes = [torch.tensor([[8.0, 8.0]]), torch.tensor([[16.0, 32.0]]), torch.tensor([[40.0, 40.0]])]
@@ -118,25 +126,31 @@ def test_roles_follow_the_matcher_and_the_heads_ignore_rule():
     with torch.no_grad():
         # A 16 x 32 box: its best shape is level P4's 16 x 32 (IoU 1), at the cell of its centre
         # (16, 24) on the stride-16 grid: column 1, row 1. P3 has 8*8 anchors, so index 64 + 1*4 + 1.
-        anchors, matched, ignored, _, _ = match_anchors(tiny_detector(0.5), images, targets, (64, 64))
+        anchors, _, roles = tiny_detector(0.5).anchor_roles(images, targets)
         assert anchors.num_anchors == 64 + 16 + 4
-        assert (matched[0] >= 0).nonzero().flatten().tolist() == [64 + 5]
-        assert not (ignored & (matched >= 0)).any()
+        assert roles.positive[0].nonzero().flatten().tolist() == [64 + 5]
+        assert not (roles.ignored & roles.positive).any()
         # IoU is never above 1 and always above -1: the head's threshold decides, nothing else.
-        _, _, none_ignored, _, _ = match_anchors(tiny_detector(1.0), images, targets, (64, 64))
-        _, _, all_ignored, _, _ = match_anchors(tiny_detector(-1.0), images, targets, (64, 64))
-    assert not none_ignored.any()
-    assert all_ignored.sum().item() == anchors.num_anchors - 1
+        _, _, none_ignored = tiny_detector(1.0).anchor_roles(images, targets)
+        _, _, all_ignored = tiny_detector(-1.0).anchor_roles(images, targets)
+    assert not none_ignored.ignored.any()
+    assert all_ignored.ignored.sum().item() == anchors.num_anchors - 1
+
+
+def test_report_numbers_are_flattened_once_and_the_rest_left_out():
+    report = {"kmeans": {"mean_best_iou": 0.6, "anchors_per_level": [3, 3]}, "gain_mean_best_iou": 0.1,
+              "from_cache": True, "cache_file": "x.json", "num_boxes": 9}
+    assert flatten_numbers(report) == {"kmeans/mean_best_iou": 0.6, "gain_mean_best_iou": 0.1, "num_boxes": 9.0}
 
 
 def test_placed_anchor_coverage_by_hand():
     anchors = torch.tensor([[0.0, 0.0, 10.0, 10.0], [10.0, 0.0, 20.0, 10.0]])
     targets = [
         # IoU 1 with the first anchor; 80 / 100 = 0.8 with the second.
-        {"boxes": torch.tensor([[0.0, 0.0, 10.0, 10.0], [12.0, 0.0, 20.0, 10.0]])},
+        torch.tensor([[0.0, 0.0, 10.0, 10.0], [12.0, 0.0, 20.0, 10.0]]),
         # 50 / 100 = 0.5 with the first anchor (inside it), 0 with the second.
-        {"boxes": torch.tensor([[0.0, 0.0, 5.0, 10.0]])},
-        {"boxes": torch.zeros(0, 4)},  # an empty image counts no box
+        torch.tensor([[0.0, 0.0, 5.0, 10.0]]),
+        torch.zeros(0, 4),  # an empty image counts no box
     ]
     report = placed_anchor_coverage(anchors, targets, foreground_iou=0.7)
     assert report["placed_best_iou"] == pytest.approx((1.0 + 0.8 + 0.5) / 3)
@@ -175,8 +189,7 @@ def test_proposals_show_the_top_k_and_the_recall_summary(tmp_path):
     from anchordet.evaluation import CocoEvaluation
     from anchordet.module import DetectionModule
 
-    module = DetectionModule(tiny_detector(0.5), CategoryMap([1, 2], ["a", "b"]), None, task="proposals",
-                             channels_last=False)
+    module = DetectionModule(tiny_rpn_detector(), CategoryMap([1, 2], ["a", "b"]), None, channels_last=False)
     module.last_evaluation = CocoEvaluation({"AR@100": 0.25}, "AR@100 = 0.2500")
     image = torch.zeros(3, 64, 64, dtype=torch.uint8)
     target = {"boxes": torch.tensor([[8.0, 8.0, 24.0, 40.0]]), "labels": torch.tensor([0]), "image_id": 1}

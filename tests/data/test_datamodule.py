@@ -1,4 +1,5 @@
-"""CocoDataModule / SyntheticCocoDataModule: paths, loaders, batches, box sizes, fingerprint."""
+"""CocoDataModule / SyntheticCocoDataModule: paths, loaders, batches, box sizes (and the anchor cache
+key made from them)."""
 
 from __future__ import annotations
 
@@ -128,22 +129,30 @@ def test_train_box_sizes_match_the_boxes_the_val_transform_produces(synthetic_sp
     assert len(boxes) == len(json.loads(annotations.read_text())["annotations"])
 
 
-def test_fingerprint_changes_with_annotations_and_image_size(tiny_coco):
+def test_anchor_cache_key_changes_with_annotations_and_image_size(tiny_coco):
+    """k-means anchors are cached under a key made from the box sizes anchors are fitted to, so the
+    cache goes stale exactly when the annotations or the input size change."""
+    from anchordet.anchors import KMeansAnchors
+
     path = tiny_coco.write()
 
-    def fingerprint(image_size):
-        return CocoDataModule(train_images=tiny_coco.images_dir, train_annotations=path,
-                              val_images=tiny_coco.images_dir, val_annotations=path,
-                              image_size=image_size).fingerprint()
+    def cache_key(image_size):
+        box_wh = CocoDataModule(train_images=tiny_coco.images_dir, train_annotations=path,
+                                val_images=tiny_coco.images_dir, val_annotations=path,
+                                image_size=image_size).train_box_sizes()
+        return KMeansAnchors(k=2).cache_key(box_wh, num_levels=1)
 
-    first = fingerprint(64)
+    first = cache_key(64)
     assert re.fullmatch("[0-9a-f]{16}", first)
-    assert fingerprint(64) == first
-    assert fingerprint(96) != first
+    assert cache_key(64) == first
+    assert cache_key(96) != first
     data = tiny_coco.copy_data()
-    data["annotations"][0]["bbox"] = [11, 10, 30, 20]
+    data["annotations"][0]["bbox"] = [11, 10, 30, 20]  # moved, same size: same clustering input
     tiny_coco.write(data)
-    assert fingerprint(64) != first
+    assert cache_key(64) == first
+    data["annotations"][0]["bbox"] = [11, 10, 31, 20]  # one pixel wider
+    tiny_coco.write(data)
+    assert cache_key(64) != first
 
 
 def test_category_map_comes_from_train_and_val_must_agree(tiny_coco):
@@ -178,7 +187,6 @@ def test_synthetic_module_generates_lazily_and_in_prepare_data(tmp_path):
     prepared.setup("fit")
     images, targets = next(iter(prepared.train_dataloader()))
     assert images.shape == (2, 3, 48, 48) and len(targets) == 2
-    assert prepared.fingerprint() != lazy.fingerprint()  # same annotations, other image size
 
 
 def test_synthetic_module_refuses_paths(tmp_path):

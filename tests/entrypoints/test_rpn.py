@@ -5,32 +5,19 @@ class-agnostic COCOeval on the written proposals.json."""
 import contextlib
 import io
 import json
-import os
-import subprocess
-import sys
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
+from hydra import compose
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-REPO = Path(__file__).resolve().parents[2]
-CONF_DIR = REPO / "conf"
+from anchordet.app import override_head
+
 P2_P6 = ["P2", "P3", "P4", "P5", "P6"]
-
-
-@pytest.fixture
-def hydra_context():
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        yield
-    GlobalHydra.instance().clear()
 
 
 def compose_train(*overrides: str):
@@ -43,7 +30,7 @@ def build_anchor_shapes(cfg, num_boxes: int = 400) -> list[torch.Tensor]:
     anchor_cfg.pop("cache_dir", None)
     builder = instantiate(anchor_cfg)
     box_wh = 8 + 200 * torch.rand(num_boxes, 2, generator=torch.Generator().manual_seed(0))
-    return builder.build(box_wh, num_levels=len(cfg.backbone.levels))
+    return builder.build(box_wh, num_levels=len(cfg.backbone.levels))[0]
 
 
 def test_head_rpn_brings_matcher_anchors_levels_and_monitor(hydra_context):
@@ -90,21 +77,14 @@ def test_head_yolo_is_unchanged_and_kmeans_still_gives_9_anchors(hydra_context):
 
 
 # ------------------------------------------------------------------ end to end
-def run(script: str, *overrides: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    result = subprocess.run([sys.executable, str(REPO / script), *overrides], cwd=cwd, env=env,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
-    return result
-
-
-def test_train_and_evaluate_rpn_report_pycocotools_proposal_recall(tmp_path):
+@pytest.mark.slow
+def test_train_and_evaluate_rpn_report_pycocotools_proposal_recall(run_cli, tmp_path):
     run_dir, eval_dir = tmp_path / "run", tmp_path / "eval"
-    run("train.py", "head=rpn", "experiment=tiny", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    run_cli("train.py", "head=rpn", "experiment=tiny", f"hydra.run.dir={run_dir}", cwd=tmp_path)
     best = list((run_dir / "checkpoints").glob("epoch*-best.ckpt"))
     assert len(best) == 1
     checkpoint = torch.load(best[0], map_location="cpu", weights_only=False)
-    assert checkpoint["anchordet"]["task"] == "proposals"
+    assert checkpoint["anchordet"]["run_config"]["head"]["_target_"].endswith("RpnHead")
     monitors = [state.get("monitor") for key, state in checkpoint["callbacks"].items() if "ModelCheckpoint" in key]
     # The best-checkpoint callback monitors AR@1000; last.ckpt and step checkpoints monitor nothing.
     assert [m for m in monitors if m is not None] == ["val/AR@1000"]
@@ -116,7 +96,7 @@ def test_train_and_evaluate_rpn_report_pycocotools_proposal_recall(tmp_path):
     # The IoU matcher's 0.7 foreground threshold gives the anchor-reach scalar (AnchorPictures).
     assert "anchors/gt_with_foreground_anchor" in scalars
 
-    result = run("evaluate.py", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
+    result = run_cli("evaluate.py", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
                  f"hydra.run.dir={eval_dir}", cwd=tmp_path)
     assert "AR@1000 =" in result.stdout
     metrics = json.loads((eval_dir / "metrics.json").read_text())
@@ -142,7 +122,7 @@ def test_train_and_evaluate_rpn_report_pycocotools_proposal_recall(tmp_path):
 
     # Test-time head settings: evaluate.py +head.nms_iou=... rebuilds the head with them.
     loose_dir = tmp_path / "eval_nms_0.95"
-    run("evaluate.py", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", "+head.nms_iou=0.95",
+    run_cli("evaluate.py", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", "+head.nms_iou=0.95",
         "+head.post_nms_top_n_test=50", f"hydra.run.dir={loose_dir}", cwd=tmp_path)
     loose_metrics = json.loads((loose_dir / "metrics.json").read_text())
     assert loose_metrics["head_overrides"] == {"nms_iou": 0.95, "post_nms_top_n_test": 50}
@@ -151,9 +131,6 @@ def test_train_and_evaluate_rpn_report_pycocotools_proposal_recall(tmp_path):
 
 
 def test_evaluate_rejects_a_head_setting_the_checkpoint_lacks():
-    sys.path.insert(0, str(REPO))
-    from evaluate import override_head
-
     run_cfg = OmegaConf.create({"head": {"_target_": "anchordet.models.heads.rpn.RpnHead", "nms_iou": 0.7}})
     override_head(run_cfg, {"nms_iou": 0.9})
     assert run_cfg.head.nms_iou == 0.9

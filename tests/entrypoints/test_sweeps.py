@@ -8,11 +8,10 @@ import importlib.util
 
 import pytest
 import yaml
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
+from hydra import compose
 from omegaconf import OmegaConf
 
-from cli import QUIET, REPO, run_cli
+from anchordet.app import resolve_resume
 
 NEEDS_OPTUNA = pytest.mark.skipif(
     importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is None,
@@ -22,23 +21,16 @@ NEEDS_SUBMITIT = pytest.mark.skipif(
     reason="hydra-submitit-launcher is not installed (pip install -e '.[slurm]'; the dev extra has it)")
 
 
-@pytest.fixture
-def hydra_context():
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        yield
-    GlobalHydra.instance().clear()
-
-
+@pytest.mark.slow
 @NEEDS_OPTUNA
-def test_optuna_search_runs_two_trials_and_reports_the_best(tmp_path):
+def test_optuna_search_runs_two_trials_and_reports_the_best(run_cli, tmp_path):
     sweep_dir = tmp_path / "sweep"
     # No -m: hparams_search=optuna switches Hydra to multirun itself.
     run_cli("train.py", "hparams_search=optuna", "experiment=tiny", "hydra.sweeper.n_trials=2",
-            f"hydra.sweep.dir={sweep_dir}", *QUIET, cwd=tmp_path)
+            f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path)
     rows = list(csv.DictReader((sweep_dir / "summary.csv").open()))
     assert [row["run"] for row in rows] == ["0", "1"]
-    searched = ("optim.lr", "anchor.k_per_level", "head.box_weight", "head.obj_weight")
+    searched = ("optim.optimizer.lr", "anchor.k_per_level", "head.box_weight", "head.obj_weight")
     trial_values = []
     for row in rows:
         # Each trial trained with the values the sampler drew for it.
@@ -46,7 +38,7 @@ def test_optuna_search_runs_two_trials_and_reports_the_best(tmp_path):
         trained = OmegaConf.load(sweep_dir / row["run"] / ".hydra" / "config.yaml")
         for key in searched:
             assert float(OmegaConf.select(trained, key)) == pytest.approx(float(overrides[key]))
-        assert 0.001 <= trained.optim.lr <= 0.05 and trained.anchor.k_per_level in (2, 3, 4)
+        assert 0.001 <= trained.optim.optimizer.lr <= 0.05 and trained.anchor.k_per_level in (2, 3, 4)
         assert 1.0 <= trained.head.box_weight <= 10.0 and 0.5 <= trained.head.obj_weight <= 2.0
         trial_values.append({key: float(overrides[key]) for key in searched})
     assert trial_values[0] != trial_values[1]
@@ -93,14 +85,12 @@ def test_slurm_launcher_config_is_complete_and_asks_for_the_requeue_signal(hydra
 
 
 def test_a_requeued_job_resumes_from_its_newest_hpc_checkpoint(tmp_path):
-    import train
-
     cfg = OmegaConf.create({"ckpt_path": None, "resume": False, "paths": {"output_dir": str(tmp_path)}})
-    assert train.resolve_resume(cfg) is None
+    assert resolve_resume(cfg) is None
     (tmp_path / "hpc_ckpt_old.ckpt").write_bytes(b"")  # not a Lightning name: ignored
     for n in (2, 10, 9):  # numbered, not dated: hpc_ckpt_10 is the newest
         (tmp_path / f"hpc_ckpt_{n}.ckpt").write_bytes(b"")
-    assert train.resolve_resume(cfg) == (tmp_path / "hpc_ckpt_10.ckpt").resolve()
+    assert resolve_resume(cfg) == (tmp_path / "hpc_ckpt_10.ckpt").resolve()
     explicit = tmp_path / "other.ckpt"
     cfg.ckpt_path = str(explicit)
-    assert train.resolve_resume(cfg) == explicit.resolve()  # an explicit ckpt_path still wins
+    assert resolve_resume(cfg) == explicit.resolve()  # an explicit ckpt_path still wins

@@ -4,32 +4,20 @@ and `evaluate.py`'s numbers checked against pycocotools run directly on its dete
 import contextlib
 import io
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def run(script: str, *overrides: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    result = subprocess.run([sys.executable, str(REPO / script), *overrides], cwd=cwd, env=env,
-                            capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
-    return result
+pytestmark = pytest.mark.slow  # training and evaluation processes
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
+def trained_run(run_cli, tmp_path_factory):
     """One tiny training run shared by the tests below (ResNet-18, 64 px, 1 epoch)."""
     workdir = tmp_path_factory.mktemp("train")
     run_dir = workdir / "run"
-    run("train.py", "experiment=tiny", f"hydra.run.dir={run_dir}", cwd=workdir)
+    run_cli("train.py", "experiment=tiny", f"hydra.run.dir={run_dir}", cwd=workdir)
     return workdir, run_dir
 
 
@@ -66,7 +54,7 @@ def test_hparams_tab_holds_the_run_settings_and_final_metrics(trained_run):
     hparams = {key: value.WhichOneof("kind") and getattr(value, value.WhichOneof("kind"))
                for key, value in session.hparams.items()}
     assert hparams["choice/backbone"] == "resnet18" and hparams["choice/experiment"] == "tiny"
-    assert hparams["data.image_size"] == 64 and hparams["optim.lr"] == pytest.approx(0.01)
+    assert hparams["data.image_size"] == 64 and hparams["optim.optimizer.lr"] == pytest.approx(0.01)
     assert hparams["monitor"] == "val/mAP"
     assert not any(key.startswith(("paths.", "callbacks.", "logger.")) for key in hparams)
     experiment = HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
@@ -76,10 +64,10 @@ def test_hparams_tab_holds_the_run_settings_and_final_metrics(trained_run):
     assert events.Scalars("hp/best")[-1].value == pytest.approx(best, abs=1e-6)
 
 
-def test_evaluate_matches_pycocotools_on_written_detections(trained_run, tmp_path):
+def test_evaluate_matches_pycocotools_on_written_detections(run_cli, trained_run, tmp_path):
     workdir, run_dir = trained_run
     out_dir = tmp_path / "eval"
-    result = run("evaluate.py", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
+    result = run_cli("evaluate.py", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
                  f"hydra.run.dir={out_dir}", cwd=workdir)
     assert "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]" in result.stdout
     assert "| class" in result.stdout
@@ -106,14 +94,14 @@ def test_evaluate_matches_pycocotools_on_written_detections(trained_run, tmp_pat
     assert metrics["num_images"] == len(gt.getImgIds())
 
 
-def test_evaluate_bad_checkpoint_path_is_a_clear_error(tmp_path):
-    result = subprocess.run([sys.executable, str(REPO / "evaluate.py"), "ckpt_path=/nonexistent/last.ckpt",
-                             f"hydra.run.dir={tmp_path}"], cwd=tmp_path, capture_output=True, text=True)
+def test_evaluate_bad_checkpoint_path_is_a_clear_error(run_cli, tmp_path):
+    result = run_cli("evaluate.py", "ckpt_path=/nonexistent/last.ckpt", f"hydra.run.dir={tmp_path}",
+                     cwd=tmp_path, check=False)
     assert result.returncode != 0
     assert "ckpt_path='/nonexistent/last.ckpt': no such checkpoint file" in result.stderr
 
 
-def test_evaluate_rejects_data_with_other_classes(trained_run, tmp_path):
+def test_evaluate_rejects_data_with_other_classes(run_cli, trained_run, tmp_path):
     workdir, run_dir = trained_run
     from PIL import Image
 
@@ -125,11 +113,10 @@ def test_evaluate_rejects_data_with_other_classes(trained_run, tmp_path):
                              "area": 100, "iscrowd": 0}],
             "categories": [{"id": 1, "name": "cat"}]}
     other.write_text(json.dumps(data))
-    result = subprocess.run(
-        [sys.executable, str(REPO / "evaluate.py"), f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
-         "+data._target_=anchordet.data.CocoDataModule", f"+data.train_images={tmp_path / 'images'}",
-         f"+data.train_annotations={other}", f"+data.val_images={tmp_path / 'images'}",
-         f"+data.val_annotations={other}", f"hydra.run.dir={tmp_path / 'out'}"],
-        cwd=workdir, capture_output=True, text=True)
+    result = run_cli(
+        "evaluate.py", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
+        "+data._target_=anchordet.data.CocoDataModule", f"+data.train_images={tmp_path / 'images'}",
+        f"+data.train_annotations={other}", f"+data.val_images={tmp_path / 'images'}",
+        f"+data.val_annotations={other}", f"hydra.run.dir={tmp_path / 'out'}", cwd=workdir, check=False)
     assert result.returncode != 0
     assert "disagree with the checkpoint" in result.stderr

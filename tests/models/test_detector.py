@@ -140,8 +140,24 @@ def test_anchors_cached_under_inference_mode_do_not_break_training(images):
     with torch.inference_mode():
         detector.predict(images)
     detector.loss(images, TARGETS)["loss"].backward()
-    grid_first = detector.anchor_grid([(8, 8), (4, 4), (2, 2)], images.device)
-    assert detector.anchor_grid([(8, 8), (4, 4), (2, 2)], images.device) is grid_first
+    grid_first = detector.anchor_grid((SIZE, SIZE), images.device)
+    assert detector.anchor_grid((SIZE, SIZE), images.device) is grid_first
+    assert grid_first.grid_sizes == [(8, 8), (4, 4), (2, 2)] and grid_first.input_size == (SIZE, SIZE)
+
+
+def test_the_anchor_grid_follows_the_backbone_geometry_and_a_wrong_one_is_reported(images):
+    detector = build()
+    # A 70 x 90 input: every stride-2 step rounds up, so the levels are ceil(70 / s) x ceil(90 / s).
+    odd = torch.randn(1, 3, 70, 90)
+    raw = detector(odd)
+    grid = detector.anchor_grid((70, 90))
+    assert grid.grid_sizes == [(9, 12), (5, 6), (3, 3)]
+    assert [r.shape[1] for r in raw] == grid.num_per_level
+    assert len(detector.predict(odd)) == 1
+    detector.backbone.feature_sizes = lambda h, w: [(1, 1)] * 3  # a backbone that misstates its geometry
+    detector.clear_anchor_cache()
+    with pytest.raises(ValueError, match="feature_sizes"):
+        detector.loss(images, TARGETS)
 
 
 def test_a_few_steps_on_one_image_reduce_the_loss(images):

@@ -11,18 +11,26 @@ from torchvision.models.detection.image_list import ImageList
 
 from anchordet.anchors import AnchorGrid
 from anchordet.anchors.grid import grid_anchor_shapes
-from anchordet.matching import IoUMatcher
+from anchordet.matching import IoUMatcher, PaddedTargets
 from anchordet.models.backbone import ResNetFPN
 from anchordet.models.detector import Detector
 from anchordet.models.heads import RpnHead
 
 RPN_SIZES = [[32.0], [64.0], [128.0], [256.0], [512.0]]
 RATIOS = [0.5, 1.0, 2.0]
-ONE_LABEL_ONE_MASK = (torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1, dtype=torch.bool))  # gt_labels, gt_mask
 
 
 def one_level_grid(height=2, width=2, stride=16, shape=(16.0, 16.0)):
-    return AnchorGrid.build([torch.tensor([shape])], [stride], [(height, width)], offset=0.5)
+    return AnchorGrid.build([torch.tensor([shape])], [stride], [(height, width)], (height * stride, width * stride),
+                            offset=0.5)
+
+
+def rpn_loss(head, raw_per_level, anchors, gt_boxes, gt_mask=None, matcher=None):
+    """head.loss after the IoU matcher, as the Detector runs them (labels are unused by the RPN)."""
+    if gt_mask is None:
+        gt_mask = torch.ones(gt_boxes.shape[:2], dtype=torch.bool)
+    gt = PaddedTargets(gt_boxes, torch.zeros(gt_boxes.shape[:2], dtype=torch.long), gt_mask)
+    return head.loss(raw_per_level, anchors, gt, (matcher or IoUMatcher())(anchors, gt.boxes, gt.mask))
 
 
 # ------------------------------------------------------------------ forward
@@ -69,7 +77,7 @@ def test_loss_hand_checked_on_four_anchors():
     gt_boxes = torch.tensor([[[2.0, 0.0, 18.0, 16.0]]])
     raw = torch.zeros(1, 4, 5, requires_grad=True)
     head = RpnHead(in_channels=4, num_anchors=1, num_levels=1)
-    losses = head.loss([raw], anchors, gt_boxes, *ONE_LABEL_ONE_MASK, IoUMatcher())
+    losses = rpn_loss(head, [raw], anchors, gt_boxes)
     # All 4 anchors are sampled (fewer than 256): BCE of logit 0 is log 2 for each, / 4.
     assert losses["loss_obj"].item() == pytest.approx(math.log(2.0), abs=1e-6)
     # a0's target: dx = (10 - 8) / 16 = 0.125 >= beta = 1/9 -> 0.125 - 0.5/9; dy = dw = dh = 0; / 4.
@@ -85,7 +93,7 @@ def test_perfect_deltas_give_zero_box_loss():
     raw = torch.zeros(1, 4, 5)
     raw[0, 0, 0] = 0.125
     head = RpnHead(in_channels=4, num_anchors=1, num_levels=1)
-    losses = head.loss([raw], anchors, gt_boxes, *ONE_LABEL_ONE_MASK, IoUMatcher())
+    losses = rpn_loss(head, [raw], anchors, gt_boxes)
     assert losses["loss_box"].item() == pytest.approx(0.0, abs=1e-7)
 
 
@@ -95,7 +103,7 @@ def test_empty_images_give_finite_loss_zero_box_term_and_gradients():
     features = torch.randn(2, 4, 4, 4, requires_grad=True)
     raw = head([features])
     gt_boxes, gt_mask = torch.zeros(2, 1, 4), torch.zeros(2, 1, dtype=torch.bool)
-    losses = head.loss(raw, anchors, gt_boxes, torch.zeros(2, 1, dtype=torch.long), gt_mask, IoUMatcher())
+    losses = rpn_loss(head, raw, anchors, gt_boxes, gt_mask)
     assert set(losses) == {"loss_obj", "loss_box"}
     assert losses["loss_box"].item() == 0.0 and torch.isfinite(losses["loss_obj"])
     sum(losses.values()).backward()
@@ -114,8 +122,7 @@ def test_loss_uses_at_most_256_sampled_anchors_per_image(monkeypatch):
 
     monkeypatch.setattr(head, "sampler", spy)
     gt_boxes = torch.tensor([[[0.0, 0.0, 8.0, 8.0], [40.0, 40.0, 56.0, 56.0]]])
-    head.loss([torch.zeros(1, 1024, 5)], anchors, gt_boxes, torch.zeros(1, 2, dtype=torch.long),
-              torch.ones(1, 2, dtype=torch.bool), IoUMatcher())
+    rpn_loss(head, [torch.zeros(1, 1024, 5)], anchors, gt_boxes)
     positive, negative = seen["result"]
     assert 1 <= positive.sum() <= 128 and positive.sum() + negative.sum() == 256
 
@@ -127,7 +134,7 @@ def two_level_nms_case():
     Level-0 anchors 0 ([-4,-4,12,12]) and 1 ([4,-4,20,12]) are moved onto [0,0,16,16] by their deltas.
     """
     shapes = [torch.tensor([[16.0, 16.0]]), torch.tensor([[16.0, 16.0]])]
-    anchors = AnchorGrid.build(shapes, [8, 16], [(2, 2), (1, 1)], offset=0.5)
+    anchors = AnchorGrid.build(shapes, [8, 16], [(2, 2), (1, 1)], (16, 16), offset=0.5)
     level0 = torch.zeros(1, 4, 5)
     level0[0, 0] = torch.tensor([0.25, 0.25, 0.0, 0.0, 2.0])
     level0[0, 1] = torch.tensor([-0.25, 0.25, 0.0, 0.0, 1.0])
@@ -140,7 +147,7 @@ def test_nms_keeps_levels_and_images_apart():
     anchors, raw = two_level_nms_case()
     head = RpnHead(in_channels=4, num_anchors=1, num_levels=2, score_thresh=0.01).eval()
     batch = [torch.cat([r, r]) for r in raw]  # two identical images
-    proposals = head.postprocess(batch, anchors, 16)
+    proposals = head.postprocess(batch, anchors)
     for image in proposals:
         # The level-0 duplicate (logit 1) is suppressed; the identical level-1 box survives.
         torch.testing.assert_close(image["boxes"], torch.tensor([[0.0, 0.0, 16.0, 16.0]] * 2))
@@ -159,15 +166,15 @@ def test_proposals_are_clipped_sorted_and_drop_tiny_boxes():
     huge[:, 11, 2] = 1e4  # clamped at log(1000/16): 2500 px wide but finite, then clipped
     head = RpnHead(in_channels=4, num_anchors=1, num_levels=1).eval()
     for batch in (raw, huge):
-        for image in head.postprocess([batch], anchors, (64, 48)):
+        for image in head.postprocess([batch], anchors):
             boxes, scores = image["boxes"], image["scores"]
             assert torch.isfinite(boxes).all()
             assert (boxes[:, 0] >= 0).all() and (boxes[:, 1] >= 0).all()
             assert (boxes[:, 2] <= 48).all() and (boxes[:, 3] <= 64).all()
             assert (scores[1:] <= scores[:-1]).all()
             assert (boxes[:, 2:] - boxes[:, :2] >= 1e-3).all()
-    assert [len(p["boxes"]) for p in head.postprocess([raw], anchors, (64, 48))] == [11, 11, 11]
-    widest = head.postprocess([huge], anchors, (64, 48))[0]["boxes"]
+    assert [len(p["boxes"]) for p in head.postprocess([raw], anchors)] == [11, 11, 11]
+    widest = head.postprocess([huge], anchors)[0]["boxes"]
     assert ((widest[:, 0] == 0) & (widest[:, 2] == 48)).any()
 
 
@@ -176,8 +183,8 @@ def test_top_n_follows_training_mode():
     raw = torch.randn(2, 16, 5, generator=torch.Generator().manual_seed(1))
     head = RpnHead(in_channels=4, num_anchors=1, num_levels=1, pre_nms_top_n_train=10, pre_nms_top_n_test=6,
                    post_nms_top_n_train=8, post_nms_top_n_test=3)
-    assert [len(p["boxes"]) for p in head.train().postprocess([raw], anchors, 64)] == [8, 8]
-    test_mode = head.eval().postprocess([raw], anchors, 64)
+    assert [len(p["boxes"]) for p in head.train().postprocess([raw], anchors)] == [8, 8]
+    test_mode = head.eval().postprocess([raw], anchors)
     assert [len(p["boxes"]) for p in test_mode] == [3, 3]
     # The 3 kept are the 3 best objectness logits of the image.
     torch.testing.assert_close(test_mode[0]["scores"], raw[0, :, 4].topk(3).values.sigmoid())
@@ -194,7 +201,8 @@ def test_five_level_rpn_anchors_at_offset_0_equal_torchvision_anchor_generator()
     features = [torch.zeros(1, 1, h, w) for h, w in grid_sizes]
     image_list = ImageList(torch.zeros(1, 3, image_height, image_width), [(image_height, image_width)])
     (theirs,) = generator(image_list, features)
-    ours = AnchorGrid.build(grid_anchor_shapes(RPN_SIZES, RATIOS), strides, grid_sizes, offset=0.0)
+    ours = AnchorGrid.build(grid_anchor_shapes(RPN_SIZES, RATIOS), strides, grid_sizes, (image_height, image_width),
+                            offset=0.0)
     assert ours.boxes.shape == theirs.shape == (3 * sum(h * w for h, w in grid_sizes), 4)
     torch.testing.assert_close(ours.boxes, theirs, atol=0.5, rtol=0.0)  # torchvision rounds its shapes
 
@@ -227,25 +235,24 @@ def test_detector_with_rpn_head_loss_predict_and_offset():
         assert (image["scores"][1:] <= image["scores"][:-1]).all()
         assert (image["boxes"] >= 0).all() and (image["boxes"] <= 64).all()
     # Offset 0 puts the first anchor's centre on the image corner instead of the first cell's centre.
-    corner = build_detector(offset=0.0).anchor_grid([(16, 16), (8, 8), (4, 4), (2, 2), (1, 1)], torch.device("cpu"))
-    centre = detector.anchor_grid([(16, 16), (8, 8), (4, 4), (2, 2), (1, 1)], torch.device("cpu"))
+    corner = build_detector(offset=0.0).anchor_grid((64, 64))
+    centre = detector.anchor_grid((64, 64))
+    assert centre.grid_sizes == [(16, 16), (8, 8), (4, 4), (2, 2), (1, 1)]
     torch.testing.assert_close(centre.boxes - corner.boxes, corner.stride.expand(-1, 4) * 0.5)
 
 
-def test_match_follows_the_heads_common_contract_for_the_anchor_pictures():
-    """`head.match` gives matched_gt [B, N] like the YOLO head's (the labels stay with
-    `match_with_labels`), so `AnchorPictures` draws an RPN's matching without a special case."""
-    from anchordet.callbacks.anchors import match_anchors
-    from anchordet.matching import BETWEEN_THRESHOLDS, pad_targets
-
-    detector = build_detector()
-    anchors, matched, ignored, _, _ = match_anchors(detector, None, TARGETS, (64, 64))
-    gt_boxes, _, gt_mask = pad_targets(TARGETS)
-    expected, labels = detector.head.match_with_labels(anchors, gt_boxes, gt_mask, detector.matcher)
-    assert isinstance(matched, torch.Tensor) and matched.shape == (2, anchors.num_anchors)
-    torch.testing.assert_close(matched, expected)
-    assert torch.equal(ignored, labels == -1) and torch.equal(ignored, matched == BETWEEN_THRESHOLDS)
-    assert (matched[0] >= 0).any() and (matched[1] < 0).all()  # the second image has no boxes
+def test_anchor_roles_of_the_rpn_are_the_matchers_labels():
+    """The RPN adds no rule of its own (the sampler's draw changes every step): the anchor pictures
+    show the IoU matcher's foreground / ignored / background."""
+    detector = build_detector().eval()
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    anchors, gt, roles = detector.anchor_roles(images, TARGETS)
+    matched_anchors, _, match = detector.match_targets(TARGETS, (64, 64))
+    assert matched_anchors is anchors  # one cached grid for one input size
+    expected = detector.matcher(anchors, gt.boxes, gt.mask)
+    assert torch.equal(roles.labels, expected.labels) and torch.equal(match.labels, expected.labels)
+    assert roles.labels.shape == (2, anchors.num_anchors)
+    assert roles.positive[0].any() and roles.ignored[0].any() and not roles.positive[1].any()
 
 
 def test_a_few_steps_on_fixed_features_fit_the_sampled_anchors():
@@ -254,20 +261,19 @@ def test_a_few_steps_on_fixed_features_fit_the_sampled_anchors():
     anchors = one_level_grid(height=8, width=8, stride=8, shape=(16.0, 16.0))
     features = torch.randn(1, 8, 8, 8, generator=torch.Generator().manual_seed(2))
     gt_boxes = torch.tensor([[[6.0, 4.0, 26.0, 22.0], [30.0, 34.0, 50.0, 50.0]]])
-    args = (anchors, gt_boxes, torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.bool), IoUMatcher())
     optimizer = torch.optim.SGD(head.parameters(), lr=0.1, momentum=0.9)
     first = None
     for _ in range(40):
         optimizer.zero_grad()
-        losses = head.loss(head([features]), *args)
+        losses = rpn_loss(head, head([features]), anchors, gt_boxes)
         first = first or {k: v.item() for k, v in losses.items()}
         sum(losses.values()).backward()
         optimizer.step()
-    last = head.loss(head([features]), *args)
+    last = rpn_loss(head, head([features]), anchors, gt_boxes)
     assert last["loss_obj"].item() < 0.5 * first["loss_obj"] and last["loss_box"].item() < 0.7 * first["loss_box"]
 
 
 def test_anchor_grid_that_does_not_fit_the_predictions_is_reported():
     head = RpnHead(in_channels=4, num_anchors=1, num_levels=1)
     with pytest.raises(ValueError, match=r"\[5\] predictions per level but the AnchorGrid has \[4\]"):
-        head.postprocess([torch.zeros(1, 5, 5)], one_level_grid(), 32)
+        head.postprocess([torch.zeros(1, 5, 5)], one_level_grid())

@@ -2,7 +2,8 @@
 
 Most tests use one level of stride 32 on a 2x2 grid (a 64x64 input) with one anchor per cell, so
 the anchors are, in (y, x) order: 0 = cell (col 0, row 0), 1 = (1, 0), 2 = (0, 1), 3 = (1, 1).
-The matcher is a stub that returns a fixed assignment, so the head's arithmetic is tested alone.
+The match is a fixed ``MatchResult`` (what a matcher would return), so the head's arithmetic is
+tested alone.
 """
 
 import math
@@ -12,6 +13,7 @@ import torch
 
 from anchordet.anchors.placement import AnchorGrid
 from anchordet.boxes import YoloBoxCoder
+from anchordet.matching import MatchResult, PaddedTargets
 from anchordet.models.heads.yolo import YoloHead
 
 LOG2 = math.log(2.0)
@@ -24,7 +26,7 @@ def make_head(num_classes=3, num_anchors=1, num_levels=1, **kwargs):
 
 
 def make_grid(shapes=((20.0, 20.0),), stride=32, grid=(2, 2)):
-    return AnchorGrid.build([torch.tensor(shapes)], [stride], [grid])
+    return AnchorGrid.build([torch.tensor(shapes)], [stride], [grid], (grid[0] * stride, grid[1] * stride))
 
 
 def quiet_raw(batch, num_anchors, num_classes):
@@ -34,15 +36,10 @@ def quiet_raw(batch, num_anchors, num_classes):
     return raw
 
 
-class FixedMatcher:
-    """Stands in for YoloMatcher: returns a fixed [B, N] assignment and records its arguments."""
-
-    def __init__(self, matched_gt):
-        self.matched_gt = torch.as_tensor(matched_gt, dtype=torch.long)
-
-    def __call__(self, gt_boxes, gt_mask, shapes_per_level, strides, grid_sizes):
-        self.called_with = (shapes_per_level, strides, grid_sizes)
-        return self.matched_gt
+def fixed_match(matched_gt, labels=None):
+    """A matcher's verdict: matched_gt [B, N]; labels default to foreground exactly where a GT is."""
+    matched = torch.as_tensor(matched_gt, dtype=torch.long)
+    return MatchResult(matched, (matched >= 0).long() if labels is None else torch.as_tensor(labels))
 
 
 # ---------------------------------------------------------------- construction and layout
@@ -92,7 +89,7 @@ def test_per_level_anchor_counts_and_bad_settings():
 def test_prediction_count_must_match_anchor_grid():
     head = make_head()
     with pytest.raises(ValueError, match="AnchorGrid"):
-        head.postprocess([quiet_raw(1, 5, 3)], make_grid(), 64)
+        head.postprocess([quiet_raw(1, 5, 3)], make_grid())
 
 
 # ---------------------------------------------------------------- postprocess
@@ -106,7 +103,7 @@ def test_postprocess_decodes_a_hand_built_prediction():
     # Anchor 3, cell (1, 1): centre (48, 48), box 5x10; score sigmoid(2)*sigmoid(1) = 0.643914.
     raw[0, 3, 4] = 2.0
     raw[0, 3, 5] = 1.0
-    (result,) = head.postprocess([raw], anchors, 64)
+    (result,) = head.postprocess([raw], anchors)
     assert result["labels"].tolist() == [0, 1]
     assert torch.allclose(result["scores"], torch.tensor([0.643914, 0.440399]), atol=1e-5)
     expected = torch.tensor([[45.5, 43.0, 50.5, 53.0], [13.5, 18.408591, 18.5, 45.591409]])
@@ -118,7 +115,7 @@ def test_postprocess_clips_boxes_to_the_image():
     head = make_head(num_classes=1)
     raw = quiet_raw(1, 4, 1)
     raw[0, 0, :6] = torch.tensor([0.0, 0.0, 3.0, 0.0, 5.0, 5.0])  # w = 20 e^3 = 401.7 around x=16
-    (result,) = head.postprocess([raw], make_grid(), 64)
+    (result,) = head.postprocess([raw], make_grid())
     assert torch.allclose(result["boxes"], torch.tensor([[0.0, 6.0, 64.0, 26.0]]))
 
 
@@ -136,7 +133,7 @@ def test_postprocess_threshold_nms_per_class_and_image_and_max_detections():
     # Image 1: the same box as image 0's best, must not be suppressed by it.
     raw[1, 0, 4:6] = torch.tensor([1.0, 1.0])
     head = make_head(num_classes=2, num_anchors=2, score_thresh=0.05, nms_iou=0.5)
-    first, second = head.postprocess([raw], anchors, 64)
+    first, second = head.postprocess([raw], anchors)
     assert first["labels"].tolist() == [0, 0, 1]
     assert torch.allclose(first["scores"], torch.sigmoid(torch.tensor([5.0, 3.0, 2.0])) ** 2, atol=1e-6)
     assert torch.allclose(first["boxes"][0], torch.tensor([6.0, 6.0, 26.0, 26.0]))
@@ -145,16 +142,16 @@ def test_postprocess_threshold_nms_per_class_and_image_and_max_detections():
     assert torch.allclose(second["boxes"], torch.tensor([[6.0, 6.0, 26.0, 26.0]]))
 
     capped = make_head(num_classes=2, num_anchors=2, max_detections=2)
-    first, second = capped.postprocess([raw], anchors, 64)
+    first, second = capped.postprocess([raw], anchors)
     assert first["labels"].tolist() == [0, 0] and len(second["scores"]) == 1
 
     top1 = make_head(num_classes=2, num_anchors=2, topk_pre_nms=1)
-    first, _ = top1.postprocess([raw], anchors, 64)
+    first, _ = top1.postprocess([raw], anchors)
     assert first["scores"].numel() == 1
 
 
 def test_postprocess_without_any_detection_gives_empty_tensors():
-    (result,) = make_head().postprocess([quiet_raw(1, 4, 3)], make_grid(), 64)
+    (result,) = make_head().postprocess([quiet_raw(1, 4, 3)], make_grid())
     assert result["boxes"].shape == (0, 4) and result["scores"].shape == (0,)
     assert result["labels"].shape == (0,)
 
@@ -164,7 +161,7 @@ GT_BOX = torch.tensor([24.0, 30.0, 48.0, 70.0])  # centre (36, 50): cell (1, 1),
 
 
 def one_gt_batch(box=GT_BOX, label=1):
-    return box.view(1, 1, 4), torch.tensor([[label]]), torch.tensor([[True]])
+    return PaddedTargets(box.view(1, 1, 4), torch.tensor([[label]]), torch.tensor([[True]]))
 
 
 def raw_encoding_gt_at_anchor3(anchors, num_classes=3, box=GT_BOX):
@@ -179,7 +176,7 @@ def test_box_loss_vanishes_when_raw_encodes_the_gt(box_loss):
     anchors = make_grid(shapes=((16.0, 32.0),))
     raw = raw_encoding_gt_at_anchor3(anchors)
     head = make_head(box_loss=box_loss)
-    losses = head.loss([raw], anchors, *one_gt_batch(), FixedMatcher([[-1, -1, -1, 0]]))
+    losses = head.loss([raw], anchors, one_gt_batch(), fixed_match([[-1, -1, -1, 0]]))
     assert losses["loss_box"].item() < 1e-5
 
 
@@ -189,11 +186,11 @@ def test_giou_and_l1_box_loss_by_hand():
     anchors = make_grid(shapes=((16.0, 32.0),))
     raw = raw_encoding_gt_at_anchor3(anchors)
     raw[0, 3, 2] += LOG2
-    matcher = FixedMatcher([[-1, -1, -1, 0]])
-    giou = make_head(box_loss="giou", box_weight=5.0).loss([raw], anchors, *one_gt_batch(), matcher)
+    matcher = fixed_match([[-1, -1, -1, 0]])
+    giou = make_head(box_loss="giou", box_weight=5.0).loss([raw], anchors, one_gt_batch(), matcher)
     assert giou["loss_box"].item() == pytest.approx(2.5, abs=1e-4)
     # L1 on (sigmoid tx, sigmoid ty, tw, th): only tw differs, by log 2; times box_weight 2.
-    l1 = make_head(box_loss="l1", box_weight=2.0).loss([raw], anchors, *one_gt_batch(), matcher)
+    l1 = make_head(box_loss="l1", box_weight=2.0).loss([raw], anchors, one_gt_batch(), matcher)
     assert l1["loss_box"].item() == pytest.approx(2 * LOG2, abs=1e-4)
 
 
@@ -201,7 +198,7 @@ def test_class_and_objectness_loss_by_hand():
     anchors = make_grid()
     raw = torch.zeros(1, 4, 5 + 2)  # every logit 0: each BCE term is log 2
     head = make_head(num_classes=2, ignore_iou=1.0, obj_weight=1.0, noobj_weight=1.0, cls_weight=1.0)
-    losses = head.loss([raw], anchors, *one_gt_batch(label=1), FixedMatcher([[-1, -1, -1, 0]]))
+    losses = head.loss([raw], anchors, one_gt_batch(label=1), fixed_match([[-1, -1, -1, 0]]))
     # Class: one positive, two one-vs-all terms of log 2, divided by 1 positive.
     assert losses["loss_cls"].item() == pytest.approx(2 * LOG2, abs=1e-6)
     # Objectness: four anchors of log 2 each, summed per image, divided by B = 1.
@@ -209,13 +206,13 @@ def test_class_and_objectness_loss_by_hand():
 
     # The same image twice: per-image sums averaged over B = 2 give the same objectness; the
     # positive-only class term is divided by 2 positives, so it is unchanged too.
-    gt = tuple(t.expand(2, *t.shape[1:]) for t in one_gt_batch(label=1))
-    twice = head.loss([raw.expand(2, -1, -1)], anchors, *gt, FixedMatcher([[-1, -1, -1, 0]] * 2))
+    gt = PaddedTargets(*(t.expand(2, *t.shape[1:]) for t in one_gt_batch(label=1)))
+    twice = head.loss([raw.expand(2, -1, -1)], anchors, gt, fixed_match([[-1, -1, -1, 0]] * 2))
     assert twice["loss_obj"].item() == pytest.approx(4 * LOG2, abs=1e-6)
     assert twice["loss_cls"].item() == pytest.approx(2 * LOG2, abs=1e-6)
 
     weighted = make_head(num_classes=2, ignore_iou=1.0, obj_weight=5.0, noobj_weight=0.5, cls_weight=3.0)
-    losses = weighted.loss([raw], anchors, *one_gt_batch(label=1), FixedMatcher([[-1, -1, -1, 0]]))
+    losses = weighted.loss([raw], anchors, one_gt_batch(label=1), fixed_match([[-1, -1, -1, 0]]))
     assert losses["loss_obj"].item() == pytest.approx((5.0 + 3 * 0.5) * LOG2, abs=1e-6)
     assert losses["loss_cls"].item() == pytest.approx(3.0 * 2 * LOG2, abs=1e-6)
 
@@ -230,17 +227,22 @@ def test_unassigned_prediction_overlapping_a_gt_is_ignored_in_objectness():
     raw = torch.zeros(1, 4, 5 + 1)
     raw[0, 0, 4] = 3.0  # a confident objectness that would cost softplus(3) = 3.0486 if not ignored
     raw.requires_grad_(True)
-    matcher = FixedMatcher([[-1, -1, -1, 0]])
+    matcher = fixed_match([[-1, -1, -1, 0]])
     batch = one_gt_batch(box=gt_box, label=0)
 
-    ignoring = make_head(num_classes=1, ignore_iou=0.5).loss([raw], anchors, *batch, matcher)
+    ignoring = make_head(num_classes=1, ignore_iou=0.5).loss([raw], anchors, batch, matcher)
     assert ignoring["loss_obj"].item() == pytest.approx(3 * LOG2, abs=1e-5)
     ignoring["loss_obj"].backward()
     assert raw.grad[0, 0, 4].item() == 0.0
     assert raw.grad[0, 1, 4].item() == pytest.approx(0.5, abs=1e-6)  # d/dz BCE(z, 0) = sigmoid(0)
 
-    strict = make_head(num_classes=1, ignore_iou=0.7).loss([raw], anchors, *batch, matcher)
+    strict = make_head(num_classes=1, ignore_iou=0.7).loss([raw], anchors, batch, matcher)
     assert strict["loss_obj"].item() == pytest.approx(3 * LOG2 + 3.0486, abs=1e-4)
+    # anchor_roles gives the pictures exactly these roles: anchor 0 ignored only under the 0.5 rule.
+    roles = make_head(num_classes=1, ignore_iou=0.5).anchor_roles([raw], anchors, batch, matcher)
+    assert roles.labels.tolist() == [[-1, 0, 0, 1]] and roles.matched_gt.tolist() == [[-1, -1, -1, 0]]
+    roles = make_head(num_classes=1, ignore_iou=0.7).anchor_roles([raw], anchors, batch, matcher)
+    assert roles.labels.tolist() == [[0, 0, 0, 1]]
 
 
 def test_padding_boxes_do_not_trigger_the_ignore_rule():
@@ -251,7 +253,7 @@ def test_padding_boxes_do_not_trigger_the_ignore_rule():
     gt_mask = torch.tensor([[True, False]])
     raw = torch.zeros(1, 4, 6)
     losses = make_head(num_classes=1).loss(
-        [raw], anchors, gt_boxes, gt_labels, gt_mask, FixedMatcher([[-1, -1, -1, 0]]))
+        [raw], anchors, PaddedTargets(gt_boxes, gt_labels, gt_mask), fixed_match([[-1, -1, -1, 0]]))
     assert losses["loss_obj"].item() == pytest.approx(4 * LOG2, abs=1e-6)
 
 
@@ -262,7 +264,8 @@ def test_empty_images_give_finite_loss_and_objectness_gradient(box_loss):
     features = [torch.randn(2, 32, 2, 2)]
     gt_boxes, gt_labels = torch.zeros(2, 1, 4), torch.zeros(2, 1, dtype=torch.long)
     gt_mask = torch.zeros(2, 1, dtype=torch.bool)
-    losses = head.loss(head(features), anchors, gt_boxes, gt_labels, gt_mask, FixedMatcher(torch.full((2, 4), -1)))
+    losses = head.loss(head(features), anchors, PaddedTargets(gt_boxes, gt_labels, gt_mask),
+                       fixed_match(torch.full((2, 4), -1)))
     assert set(losses) == {"loss_obj", "loss_cls", "loss_box"}
     assert all(torch.isfinite(v) for v in losses.values())
     assert losses["loss_box"].item() == 0.0 and losses["loss_cls"].item() == 0.0
@@ -279,18 +282,23 @@ def test_mixed_batch_with_one_empty_image():
     gt_boxes = torch.stack([GT_BOX.view(1, 4), torch.zeros(1, 4)])
     gt_labels = torch.tensor([[1], [0]])
     gt_mask = torch.tensor([[True], [False]])
-    losses = make_head().loss([raw], anchors, gt_boxes, gt_labels, gt_mask,
-                              FixedMatcher([[-1, -1, -1, 0], [-1, -1, -1, -1]]))
+    losses = make_head().loss([raw], anchors, PaddedTargets(gt_boxes, gt_labels, gt_mask),
+                              fixed_match([[-1, -1, -1, 0], [-1, -1, -1, -1]]))
     assert all(torch.isfinite(v) for v in losses.values())
     assert losses["loss_box"].item() < 1e-5
     sum(losses.values()).backward()
     assert torch.isfinite(raw.grad).all()
 
 
-def test_loss_passes_the_grid_description_to_the_matcher():
+def test_anchors_an_iou_matcher_ignores_get_no_objectness_loss():
+    # An IoU matcher's band between its thresholds (label -1): no objectness loss, like YOLO's own
+    # ignore rule. Every logit 0: each BCE term is log 2; anchor 3 is positive, anchor 1 ignored.
     anchors = make_grid()
-    matcher = FixedMatcher([[-1, -1, -1, -1]])
-    make_head().loss([quiet_raw(1, 4, 3)], anchors, *one_gt_batch(), matcher)
-    shapes, strides, grid_sizes = matcher.called_with
-    assert torch.equal(shapes[0], torch.tensor([[20.0, 20.0]])) and list(strides) == [32]
-    assert list(grid_sizes) == [(2, 2)]
+    raw = torch.zeros(1, 4, 5 + 2, requires_grad=True)
+    head = make_head(num_classes=2, ignore_iou=1.0)  # the head's own rule off
+    match = fixed_match([[-1, -1, -1, 0]], labels=[[0, -1, 0, 1]])
+    losses = head.loss([raw], anchors, one_gt_batch(), match)
+    assert losses["loss_obj"].item() == pytest.approx(3 * LOG2, abs=1e-6)
+    losses["loss_obj"].backward()
+    assert raw.grad[0, 1, 4].item() == 0.0 and raw.grad[0, 0, 4].item() > 0
+    assert head.anchor_roles([raw], anchors, one_gt_batch(), match).labels.tolist() == [[0, -1, 0, 1]]

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from anchordet.anchors.kmeans import fitness_report
+from anchordet.anchors.fitness import fitness_report
 
 
 def _as_size_lists(sizes_per_level: Sequence) -> list[list[float]]:
@@ -48,25 +48,25 @@ def grid_anchor_shapes(sizes_per_level: Sequence, aspect_ratios: Sequence[float]
 class GridAnchors:
     """Anchor config target: fixed sizes per level times aspect ratios.
 
-    ``build`` ignores the data except for the fitness report (``last_report``), so the same anchors
-    come out for any dataset; pass ``box_wh=None`` to skip the report.
+    ``build(box_wh, num_levels)`` returns ``(shapes_per_level, report)``. The shapes do not depend
+    on the data; the report is their fitness on ``box_wh`` (``{"grid": fitness_report}``), or ``{}``
+    for ``box_wh=None``. ``offset``: where the anchors sit inside their cell (see ``KMeansAnchors``).
     """
 
-    def __init__(self, sizes_per_level: Sequence, aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0)) -> None:
+    def __init__(self, sizes_per_level: Sequence, aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
+                 offset: float = 0.5) -> None:
         self.sizes_per_level = _as_size_lists(sizes_per_level)
         self.aspect_ratios = tuple(float(r) for r in aspect_ratios)
-        self.last_report: dict = {}
+        self.offset = float(offset)
 
-    def build(self, box_wh: Tensor | None, num_levels: int, fingerprint: str = "") -> list[Tensor]:
-        """Anchor shapes per level ``list[Tensor[A, 2]]`` (w, h); ``fingerprint`` is unused (no cache)."""
+    def build(self, box_wh: Tensor | None, num_levels: int) -> tuple[list[Tensor], dict]:
+        """(anchor shapes per level ``list[Tensor[A, 2]]`` (w, h), fitness report)."""
         if len(self.sizes_per_level) != num_levels:
             raise ValueError(
-                f"anchor.sizes_per_level has {len(self.sizes_per_level)} levels but the backbone has "
-                f"{num_levels} pyramid levels; give one list of sizes per level"
+                f"anchor.sizes_per_level has {len(self.sizes_per_level)} levels but backbone.levels has "
+                f"{num_levels}: give one list of sizes per backbone level, or pick the anchor config made "
+                f"for these levels (anchor=grid for P3-P5, anchor=rpn_grid for P2-P6, anchor=kmeans for any)"
             )
         shapes_per_level = grid_anchor_shapes(self.sizes_per_level, self.aspect_ratios)
-        self.last_report = {"grid": fitness_report(box_wh, shapes_per_level)} if box_wh is not None else {}
-        return shapes_per_level
-
-    def fitness_report(self, box_wh: Tensor, shapes_per_level: list[Tensor]) -> dict:
-        return fitness_report(box_wh, shapes_per_level)
+        report = {"grid": fitness_report(box_wh, shapes_per_level)} if box_wh is not None else {}
+        return shapes_per_level, report

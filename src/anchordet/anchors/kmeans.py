@@ -6,7 +6,8 @@ Euclidean distance on ``(w, h)`` lets large boxes dominate while the detector ca
 
 Shapes are ``(w, h)`` in network-input pixels: ``box_wh [N, 2]``, centres ``[k, 2]``.  Everything
 here is vectorised torch; 1M boxes with k = 9 cluster in a few seconds on one CPU (see
-``KMeansAnchors`` for the cached, logged wrapper the configs use).
+``KMeansAnchors`` for the cached, reported wrapper the configs use; the fitness numbers live in
+``anchors/fitness.py``).
 """
 
 from __future__ import annotations
@@ -21,42 +22,17 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-logger = logging.getLogger("anchordet.anchors")
+from anchordet.anchors.fitness import best_shape, compare_with_grid
+from anchordet.anchors.grid import grid_anchor_shapes
+from anchordet.boxes import shape_iou
 
-# Rows of boxes per IoU block: keeps the [chunk, k] temporaries cache-sized (measured 3x faster than
-# one [N, k] pass for 1M boxes) and bounds memory for many-million-box datasets.
-_CHUNK = 1 << 16
+logger = logging.getLogger("anchordet.anchors")
 
 
 def _check_wh(wh: Tensor, name: str) -> Tensor:
     if wh.ndim != 2 or wh.shape[1] != 2:
         raise ValueError(f"{name} must have shape [N, 2] of (w, h), got {tuple(wh.shape)}")
     return wh
-
-
-def shape_iou(wh_a: Tensor, wh_b: Tensor) -> Tensor:
-    """IoU ``[N, K]`` of box shapes ``wh_a [N, 2]`` and ``wh_b [K, 2]`` placed on the same centre.
-
-    Centred together, the intersection is ``min(w) * min(h)``; positions do not matter.
-    """
-    _check_wh(wh_a, "wh_a")
-    _check_wh(wh_b, "wh_b")
-    # [N, 1] against [1, K] broadcasts to the [N, K] matrix.
-    inter = torch.minimum(wh_a[:, None, 0], wh_b[None, :, 0]) * torch.minimum(
-        wh_a[:, None, 1], wh_b[None, :, 1]
-    )
-    union = (wh_a[:, 0] * wh_a[:, 1])[:, None] + (wh_b[:, 0] * wh_b[:, 1])[None, :] - inter
-    return inter / union.clamp(min=torch.finfo(union.dtype).tiny)
-
-
-def _best_shape(box_wh: Tensor, shapes: Tensor) -> tuple[Tensor, Tensor]:
-    """Best shape-IoU ``[N]`` and its shape index ``[N]``, computed in row blocks."""
-    best_iou = torch.empty(box_wh.shape[0], dtype=box_wh.dtype, device=box_wh.device)
-    best_idx = torch.empty(box_wh.shape[0], dtype=torch.long, device=box_wh.device)
-    for start in range(0, box_wh.shape[0], _CHUNK):
-        block = slice(start, start + _CHUNK)
-        best_iou[block], best_idx[block] = shape_iou(box_wh[block], shapes).max(dim=1)
-    return best_iou, best_idx
 
 
 def _kmeans_pp_init(box_wh: Tensor, k: int, generator: torch.Generator) -> Tensor:
@@ -155,7 +131,7 @@ def kmeans_anchor_shapes(
     assign = torch.full((n,), -1, dtype=torch.long)
     converged = False
     for iteration in range(1, max_iter + 1):
-        best_iou, new_assign = _best_shape(box_wh, centres)
+        best_iou, new_assign = best_shape(box_wh, centres)
         if torch.equal(new_assign, assign):
             converged = True
             break
@@ -204,42 +180,6 @@ def split_over_levels(shapes: Tensor, num_levels: int, single_level: bool = Fals
     return list(ordered.split(k // num_levels))
 
 
-def fitness_report(box_wh: Tensor, shapes_per_level: list[Tensor]) -> dict:
-    """How well anchor shapes cover the boxes ``box_wh [N, 2]``.
-
-    ``mean_best_iou``: mean over boxes of the best shape-IoU with any anchor (the YOLOv2 "Avg IOU").
-    ``best_possible_recall``: share of boxes whose best anchor reaches shape-IoU >= 0.5, an upper
-    bound on what a matcher with that threshold can assign.
-    """
-    _check_wh(box_wh, "box_wh")
-    shapes = torch.cat([s.reshape(-1, 2) for s in shapes_per_level]).to(box_wh.device, torch.float32)
-    report = {
-        "num_boxes": int(box_wh.shape[0]),
-        "num_anchors": int(shapes.shape[0]),
-        "anchors_per_level": [int(s.shape[0]) for s in shapes_per_level],
-    }
-    if box_wh.shape[0] == 0 or shapes.shape[0] == 0:
-        return {**report, "mean_best_iou": 0.0, "best_possible_recall": 0.0}
-    best_iou, _ = _best_shape(box_wh.detach().float(), shapes)
-    return {
-        **report,
-        "mean_best_iou": float(best_iou.double().mean()),
-        "best_possible_recall": float((best_iou >= 0.5).double().mean()),
-    }
-
-
-def compare_with_grid(box_wh: Tensor, kmeans_shapes: list[Tensor], grid_shapes: list[Tensor]) -> dict:
-    """Fitness of k-means anchors next to a grid-anchor baseline, and what k-means gained."""
-    kmeans = fitness_report(box_wh, kmeans_shapes)
-    grid = fitness_report(box_wh, grid_shapes)
-    return {
-        "kmeans": kmeans,
-        "grid": grid,
-        "gain_mean_best_iou": kmeans["mean_best_iou"] - grid["mean_best_iou"],
-        "gain_best_possible_recall": kmeans["best_possible_recall"] - grid["best_possible_recall"],
-    }
-
-
 def _default_baseline_sizes(num_levels: int) -> list[list[float]]:
     # RetinaNet's base anchor (Lin et al. 2017): side 4 * stride on levels P3, P4, ... (strides 8,
     # 16, ...), one size per level; with three aspect ratios that is 3 anchors per level, the same
@@ -247,18 +187,27 @@ def _default_baseline_sizes(num_levels: int) -> list[list[float]]:
     return [[4.0 * 8.0 * 2.0**level] for level in range(num_levels)]
 
 
+def boxes_digest(box_wh: Tensor) -> str:
+    """Short hash of the exact box sizes: a cache keyed on it goes stale exactly when they change
+    (other data, another input size, a changed annotation file), whatever the data source."""
+    data = box_wh.detach().float().cpu().contiguous().numpy().tobytes()
+    return hashlib.blake2b(data, digest_size=8).hexdigest()
+
+
 class KMeansAnchors:
     """Anchor config target: k-means shapes split over levels, cached on disk, compared with a grid.
 
-    ``build`` returns ``list[Tensor[A, 2]]`` (w, h) per level and sets ``last_report`` to the output
-    of :func:`compare_with_grid` plus ``{"from_cache": bool, "cache_file": str | None}`` so the
-    trainer can log what k-means bought over the grid baseline (``baseline_sizes_per_level`` x
-    ``baseline_aspect_ratios``; default one RetinaNet-style size ``4 * stride`` per level, strides
-    8, 16, ...).
+    ``build(box_wh, num_levels)`` returns ``(shapes_per_level, report)``: ``list[Tensor[A, 2]]``
+    (w, h) per level, and the output of :func:`compare_with_grid` plus ``{"from_cache": bool,
+    "cache_file": str | None}``, i.e. what k-means bought over the grid baseline
+    (``baseline_sizes_per_level`` x ``baseline_aspect_ratios``; default one RetinaNet-style size
+    ``4 * stride`` per level, strides 8, 16, ...).
 
     ``k`` is the total number of clusters; ``k=None`` means ``k_per_level`` times the number of
     pyramid levels the backbone returns (3 x 3 = 9 on P3-P5, 3 x 5 = 15 on P2-P6), so one anchor
     config serves both the single-stage head and the RPN. An explicit ``k`` always wins.
+    ``offset`` is where the anchors sit inside their cell when placed (0.5 = the cell centre, as
+    YOLO; 0 = the top-left corner, as torchvision and Detectron2).
     """
 
     def __init__(
@@ -271,6 +220,7 @@ class KMeansAnchors:
         baseline_sizes_per_level: list[list[float]] | None = None,
         baseline_aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0),
         k_per_level: int | None = 3,
+        offset: float = 0.5,
     ) -> None:
         if k is None and (k_per_level is None or int(k_per_level) < 1):
             raise ValueError(
@@ -285,23 +235,22 @@ class KMeansAnchors:
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.baseline_sizes_per_level = baseline_sizes_per_level
         self.baseline_aspect_ratios = tuple(float(r) for r in baseline_aspect_ratios)
-        self.last_report: dict = {}
+        self.offset = float(offset)
 
     def total_k(self, num_levels: int) -> int:
         """Clusters for a backbone with ``num_levels`` levels: ``k``, or ``k_per_level * num_levels``."""
         return self.k if self.k is not None else self.k_per_level * int(num_levels)
 
-    def cache_key(self, num_levels: int, num_boxes: int, fingerprint: str = "") -> str:
+    def cache_key(self, box_wh: Tensor, num_levels: int) -> str:
         # The resolved k, not the raw setting: k=9 and k=None with 3 per level on 3 levels are the
-        # same clustering and share the cache file (written before k_per_level existed, too).
+        # same clustering and share the cache file.
         settings = {
-            "fingerprint": fingerprint,
+            "boxes": boxes_digest(box_wh),
             "k": self.total_k(num_levels),
             "seed": self.seed,
             "max_iter": self.max_iter,
             "single_level": self.single_level,
             "num_levels": int(num_levels),
-            "num_boxes": int(num_boxes),
         }
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -323,11 +272,11 @@ class KMeansAnchors:
             json.dump(payload, f, indent=1)
         os.replace(tmp, path)
 
-    def build(self, box_wh: Tensor, num_levels: int, fingerprint: str = "") -> list[Tensor]:
-        """Anchor shapes per level ``list[Tensor[A, 2]]`` (w, h) for the train boxes ``box_wh [N, 2]``."""
+    def build(self, box_wh: Tensor, num_levels: int) -> tuple[list[Tensor], dict]:
+        """(anchor shapes per level ``list[Tensor[A, 2]]`` (w, h), report) for the train boxes ``box_wh [N, 2]``."""
         _check_wh(box_wh, "box_wh")
         k = self.total_k(num_levels)
-        key = self.cache_key(num_levels, box_wh.shape[0], fingerprint)
+        key = self.cache_key(box_wh, num_levels)
         path = self.cache_dir / f"kmeans_anchors_{key}.json" if self.cache_dir is not None else None
         shapes_per_level = self._load(path) if path is not None and path.exists() else None
         from_cache = shapes_per_level is not None
@@ -340,23 +289,17 @@ class KMeansAnchors:
                 self._save(path, shapes_per_level, key, k)
                 logger.info("saved k-means anchors to cache %s", path)
 
-        from anchordet.anchors.grid import grid_anchor_shapes  # local: grid.py imports this module
-
         baseline_sizes = self.baseline_sizes_per_level or _default_baseline_sizes(num_levels)
         grid_shapes = grid_anchor_shapes(baseline_sizes, list(self.baseline_aspect_ratios))
-        self.last_report = {
+        report = {
             **compare_with_grid(box_wh, shapes_per_level, grid_shapes),
             "from_cache": from_cache,
             "cache_file": str(path) if path is not None else None,
         }
-        self._log_report(shapes_per_level)
-        return shapes_per_level
+        self._log_report(shapes_per_level, report)
+        return shapes_per_level, report
 
-    def fitness_report(self, box_wh: Tensor, shapes_per_level: list[Tensor]) -> dict:
-        return fitness_report(box_wh, shapes_per_level)
-
-    def _log_report(self, shapes_per_level: list[Tensor]) -> None:
-        report = self.last_report
+    def _log_report(self, shapes_per_level: list[Tensor], report: dict) -> None:
         km, grid = report["kmeans"], report["grid"]
         shapes_text = " | ".join(
             " ".join(f"{w:.0f}x{h:.0f}" for w, h in level.tolist()) or "-" for level in shapes_per_level

@@ -19,6 +19,7 @@ from torch import Tensor
 from anchordet import plots, viz
 from anchordet.callbacks import PictureCallback
 from anchordet.evaluation import format_per_class_table
+from anchordet.models.heads.common import PROPOSALS
 
 
 class PredictionPictures(PictureCallback):
@@ -62,7 +63,7 @@ class PredictionPictures(PictureCallback):
             self._images, self._targets = self.take_samples(dataset, range(self.num_images))
         images, _ = self.to_model_input(pl_module, self._images, self._targets)
         predictions = pl_module.detector.predict(images)
-        proposals = getattr(pl_module, "task", "detection") == "proposals"
+        proposals = pl_module.task == PROPOSALS
         class_names = None if proposals else list(pl_module.category_map.names)
         pictures = []
         for image, prediction, target in zip(self._images, predictions, self._targets):
@@ -84,7 +85,7 @@ class PredictionPictures(PictureCallback):
         if evaluation is None:
             return
         writer, step = self.writer(trainer), trainer.global_step
-        if getattr(pl_module, "task", "detection") == "proposals":
+        if pl_module.task == PROPOSALS:
             writer.add_text("predictions/proposal_recall", "```\n" + evaluation.summary + "\n```", step)
             return
         table = getattr(pl_module, "last_per_class_table", None) or format_per_class_table(evaluation.per_class_ap)

@@ -48,11 +48,6 @@ class CategoryMap:
         return cls([c["id"] for c in categories], [c.get("name", str(c["id"])) for c in categories])
 
     @classmethod
-    def from_coco(cls, coco) -> "CategoryMap":
-        """From a pycocotools ``COCO`` object."""
-        return cls.from_categories(coco.loadCats(coco.getCatIds()))
-
-    @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "CategoryMap":
         """Inverse of `to_dict` (what checkpoints store)."""
         try:
@@ -103,11 +98,6 @@ class CategoryMap:
             raise KeyError(f"category ids {sorted(set(ids[unknown].tolist()))[:10]} are not in this "
                            f"category map (known ids: {list(self._ids)})")
         return positions.astype(np.int64)
-
-    def category_ids_of(self, labels: torch.Tensor) -> torch.Tensor:
-        """Vectorised `category_id_of` for a label tensor (results JSON wants COCO ids)."""
-        table = torch.as_tensor(self._sorted_ids, device=labels.device)
-        return table[labels.long()]
 
     # ------------------------------------------------------------------ value semantics
     def __eq__(self, other: object) -> bool:

@@ -8,7 +8,6 @@ device (``DetectionModule.on_after_batch_transfer``), so workers ship a quarter 
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -76,7 +75,6 @@ class CocoDataModule(L.LightningDataModule):
         self.shuffle_seed = int(shuffle_seed)
         self._train_dataset: CocoDetectionDataset | None = None
         self._val_dataset: CocoDetectionDataset | None = None
-        self._fingerprint: str | None = None
 
     # ------------------------------------------------------------------ paths
     def _data_paths(self) -> DataPaths:
@@ -143,22 +141,6 @@ class CocoDataModule(L.LightningDataModule):
         deterministic letterbox to ``image_size`` (what anchors are fitted to); reads only the JSON."""
         return self.train_dataset.letterbox_box_sizes()
 
-    def fingerprint(self) -> str:
-        """Short hash of the training annotation file's bytes and the input size: anchor caches
-        keyed on it go stale exactly when the boxes they were fitted to change."""
-        if self._fingerprint is None:
-            digest = hashlib.blake2b(digest_size=8)
-            digest.update(f"image_size={self.image_size};".encode())
-            path = self.train_annotation_file
-            if not path.is_file():
-                raise DatasetError(f"annotation file {path} does not exist; point data.root or "
-                                   "data.train_annotations at a COCO instances JSON")
-            with open(path, "rb") as handle:
-                for chunk in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(chunk)
-            self._fingerprint = digest.hexdigest()
-        return self._fingerprint
-
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit"):
@@ -175,9 +157,6 @@ class CocoDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_dataset, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
 
     def _loader(self, dataset: CocoDetectionDataset, shuffle: bool, sampler=None) -> DataLoader:
         return DataLoader(

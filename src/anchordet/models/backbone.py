@@ -7,6 +7,7 @@ Shape glossary
             256/512/1024/2048 for ResNet-50/101
     F       ``fpn_channels``, the channel count of every pyramid level
     Hl, Wl  size of pyramid level ``Pl``: ceil(H / stride_l), ceil(W / stride_l), stride_l = 2**l
+            (``feature_sizes`` computes them without a forward pass)
 
 Pyramid levels (Lin et al., "Feature Pyramid Networks for Object Detection", 2017): ``Pl`` is
 built from ResNet stage ``Cl`` (``layer{l-1}`` in torchvision) by a 1x1 lateral conv plus the
@@ -215,6 +216,16 @@ class ResNetFPN(nn.Module):
         for module in self._frozen_modules():
             module.eval()
         return self
+
+    def feature_sizes(self, height: int, width: int) -> list[tuple[int, int]]:
+        """(Hl, Wl) of every returned level for an ``height x width`` input, without running it.
+
+        Every stride-2 step here (the 7x7 stem conv with padding 3, the 3x3 max-pool with padding 1,
+        the first conv of layer2-4, P6's kernel-1 max-pool) maps a side n to floor((n - 1) / 2) + 1
+        = ceil(n / 2), and ceil(ceil(n / a) / b) = ceil(n / (a b)), so level l has ceil(n / stride_l).
+        This is the one place the geometry is known: the detector places anchors from it.
+        """
+        return [(-(-int(height) // stride), -(-int(width) // stride)) for stride in self.strides]
 
     def forward(self, x: Tensor) -> list[Tensor]:
         """x: float[B, 3, H, W], already normalised -> list of float[B, F, Hl, Wl] per level."""

@@ -1,8 +1,8 @@
-"""The Detector: backbone + anchor shapes + head + matcher, independent of which head it carries.
+"""The Detector: backbone + anchor shapes + matcher + head, and the order they run in.
 
 Shape glossary
     B       images in the batch
-    S       network input side (H, W in general)
+    H, W    network input size
     L       levels the backbone returns; ``anchor_shapes_per_level`` has one entry per level
     A       anchor shapes on one level, ``Tensor[A, 2]`` of (w, h) in input pixels
     Hl, Wl  size of pyramid level ``l``
@@ -12,14 +12,24 @@ Shape glossary
 
 Boxes are xyxy in absolute pixels of the network input.
 
-The head contract (``YoloHead`` today, an RPN head later): ``head(features) -> raw_per_level``,
-``head.loss(raw, anchors, gt_boxes, gt_labels, gt_mask, matcher) -> dict of loss_* scalars``,
-``head.postprocess(raw, anchors, image_size) -> list of {"boxes", "scores", "labels"}``.
+One training step, in the order torchvision's and Detectron2's meta-architectures use (match first,
+then the head's losses)::
+
+    features = backbone(images)                      list of [B, F, Hl, Wl]
+    raw      = head(features)                        list of [B, Hl*Wl*A, K]
+    anchors  = anchor_grid((H, W))                   AnchorGrid, cached per input size
+    gt       = pad_targets(targets)                  PaddedTargets [B, M, ...]
+    match    = matcher(anchors, gt.boxes, gt.mask)   MatchResult [B, N]
+    losses   = head.loss(raw, anchors, gt, match)    dict of loss_* scalars
+
+The contracts of the parts are in ``models/heads/common.py`` (head), ``matching.py`` (matcher) and
+``docs/architecture.md`` (backbone: ``strides``, ``level_names``, ``out_channels``,
+``feature_sizes(H, W)``). The detector never reaches into a part beyond them.
 
 Levels with no anchor shapes (``Tensor[0, 2]``, the single-level YOLOv2 option) are dropped from the
-backbone output before the head sees it, so the head must be built for the used levels only:
+backbone output before the head sees it, so the head is built for the used levels only:
 ``Detector.used_levels(shapes)`` lists them and ``Detector.num_anchors_per_used_level(shapes)``
-gives the ``num_anchors`` for the head.
+gives the head's ``num_anchors``.
 """
 
 from __future__ import annotations
@@ -31,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from anchordet.anchors.placement import AnchorGrid
-from anchordet.matching import pad_targets
+from anchordet.matching import MatchResult, PaddedTargets, pad_targets
 
 # Multi-scale training visits a handful of input sizes; older grids are dropped beyond this many.
 ANCHOR_CACHE_SIZE = 8
@@ -46,13 +56,14 @@ def _as_shapes(shapes, level: int) -> Tensor:
 
 
 class Detector(nn.Module):
-    """Runs ``backbone -> head`` and owns the anchor shapes (as buffers, so checkpoints carry them).
+    """Runs backbone, head and matcher in order, and owns the anchor shapes (buffers, so checkpoints
+    carry them).
 
     Args:
-        backbone: module with ``strides: list[int]`` and ``forward(x) -> list[[B, C, Hl, Wl]]``.
-        head: see the head contract in the module docstring; built for the used levels only.
+        backbone: module with ``strides``, ``feature_sizes(H, W)`` and ``forward(x) -> list[[B, C, Hl, Wl]]``.
+        head: a head meeting the contract of ``models/heads/common.py``, built for the used levels.
         anchor_shapes_per_level: one ``[A, 2]`` (w, h) tensor per backbone level; ``[0, 2]`` = unused.
-        matcher: callable ``(gt_boxes, gt_mask, shapes_per_level, strides, grid_sizes) -> [B, N]``.
+        matcher: ``matcher(anchors, gt_boxes [B, M, 4], gt_mask [B, M]) -> MatchResult``.
         anchor_offset: anchor centre inside its cell in cell units (0.5 = the cell centre).
     """
 
@@ -143,26 +154,26 @@ class Detector(nn.Module):
         """Forget the placed anchors; call it after editing the anchor-shape buffers in place."""
         self._anchor_cache.clear()
 
-    def anchor_grid(self, grid_sizes: list[tuple[int, int]], device: torch.device) -> AnchorGrid:
-        """The placed anchors of the used levels for these grid sizes, cached.
+    def anchor_grid(self, input_size: tuple[int, int], device: torch.device | None = None) -> AnchorGrid:
+        """The placed anchors of the used levels for an ``(H, W)`` network input, cached.
 
-        The key holds whether inference mode is on: tensors made under ``torch.inference_mode``
-        (Lightning's validation) cannot be saved for backward, so training must not reuse them.
-        It does not look at the anchor values (that would need a device sync every step, and DDP's
-        buffer broadcast rewrites them every step anyway); ``load_state_dict`` clears the cache.
+        The grid sizes come from ``backbone.feature_sizes``, the one source of the geometry (the
+        forward pass checks the real feature maps against it). The cache key holds whether inference
+        mode is on: tensors made under ``torch.inference_mode`` (Lightning's validation) cannot be
+        saved for backward, so training must not reuse them. It does not look at the anchor values
+        (that would need a device sync every step, and DDP's buffer broadcast rewrites them every
+        step anyway); ``load_state_dict`` clears the cache.
         """
         shapes = [self.anchor_shapes_per_level[level] for level in self.used_level_indices]
-        key = (
-            tuple(grid_sizes),
-            str(device),
-            tuple(s.dtype for s in shapes),
-            torch.is_inference_mode_enabled(),
-        )
+        device = shapes[0].device if device is None else torch.device(device)
+        input_size = (int(input_size[0]), int(input_size[1]))
+        key = (input_size, str(device), tuple(s.dtype for s in shapes), torch.is_inference_mode_enabled())
         grid = self._anchor_cache.get(key)
         if grid is None:
-            grid = AnchorGrid.build(
-                shapes, self.used_strides, list(grid_sizes), offset=self.anchor_offset, device=device
-            )
+            all_sizes = self.backbone.feature_sizes(*input_size)
+            grid_sizes = [all_sizes[level] for level in self.used_level_indices]
+            grid = AnchorGrid.build(shapes, self.used_strides, grid_sizes, input_size,
+                                    offset=self.anchor_offset, device=device)
             self._anchor_cache[key] = grid
             while len(self._anchor_cache) > ANCHOR_CACHE_SIZE:
                 self._anchor_cache.popitem(last=False)
@@ -180,13 +191,22 @@ class Detector(nn.Module):
 
     def _run(self, images: Tensor) -> tuple[list[Tensor], AnchorGrid]:
         features = self._features(images)
-        raw_per_level = self.head(features)
-        grid_sizes = [(int(f.shape[-2]), int(f.shape[-1])) for f in features]
-        return raw_per_level, self.anchor_grid(grid_sizes, images.device)
+        anchors = self.anchor_grid(tuple(images.shape[-2:]), images.device)
+        actual = [tuple(int(n) for n in f.shape[-2:]) for f in features]
+        if actual != anchors.grid_sizes:
+            raise ValueError(
+                f"the backbone's feature maps are {actual} but its feature_sizes() says "
+                f"{anchors.grid_sizes} for input {tuple(images.shape[-2:])}; fix feature_sizes")
+        return self.head(features), anchors
 
     def forward(self, images: Tensor) -> list[Tensor]:
         """images float [B, 3, H, W] (normalised) -> the head's raw outputs per used level."""
         return self.head(self._features(images))
+
+    @torch.no_grad()
+    def match(self, anchors: AnchorGrid, gt: PaddedTargets) -> MatchResult:
+        """The matcher's verdict for every anchor of ``anchors`` (no gradient flows through it)."""
+        return self.matcher(anchors, gt.boxes, gt.mask)
 
     def loss(self, images: Tensor, targets: list[dict]) -> dict[str, Tensor]:
         """images float [B, 3, H, W]; targets: per image {"boxes" [M, 4] xyxy input px, "labels" [M]}.
@@ -194,18 +214,26 @@ class Detector(nn.Module):
         Returns the head's ``loss_*`` terms (already weighted) plus ``"loss"``, their sum.
         """
         raw_per_level, anchors = self._run(images)
-        gt_boxes, gt_labels, gt_mask = pad_targets(targets)
-        device = images.device
-        losses = self.head.loss(
-            raw_per_level,
-            anchors,
-            gt_boxes.to(device),
-            gt_labels.to(device),
-            gt_mask.to(device),
-            self.matcher,
-        )
+        gt = pad_targets(targets).to(images.device)
+        losses = self.head.loss(raw_per_level, anchors, gt, self.match(anchors, gt))
         losses["loss"] = sum(losses.values())
         return losses
+
+    def match_targets(self, targets: list[dict], input_size: tuple[int, int]
+                      ) -> tuple[AnchorGrid, PaddedTargets, MatchResult]:
+        """Anchors, padded GT and the matcher's verdict for targets at an input size, without
+        running the network (statistics over many images)."""
+        anchors = self.anchor_grid(input_size)
+        gt = pad_targets(targets).to(anchors.boxes.device)
+        return anchors, gt, self.match(anchors, gt)
+
+    @torch.no_grad()
+    def anchor_roles(self, images: Tensor, targets: list[dict]) -> tuple[AnchorGrid, PaddedTargets, MatchResult]:
+        """The roles the loss would train with on this batch (labels 1 / 0 / -1 per anchor), from
+        the matcher and the head's own rules on the current predictions; for the anchor pictures."""
+        raw_per_level, anchors = self._run(images)
+        gt = pad_targets(targets).to(images.device)
+        return anchors, gt, self.head.anchor_roles(raw_per_level, anchors, gt, self.match(anchors, gt))
 
     def predict(self, images: Tensor) -> list[dict]:
         """images float [B, 3, H, W] -> per image {"boxes" [D, 4] xyxy input px, "scores" [D], "labels" [D]}.
@@ -218,8 +246,6 @@ class Detector(nn.Module):
         try:
             with torch.no_grad():
                 raw_per_level, anchors = self._run(images)
-                height, width = int(images.shape[-2]), int(images.shape[-1])
-                image_size = height if height == width else (height, width)
-                return self.head.postprocess(raw_per_level, anchors, image_size)
+                return self.head.postprocess(raw_per_level, anchors)
         finally:
             self.train(was_training)

@@ -8,7 +8,7 @@ Shape glossary
     K       outputs per anchor, 5: ``dx, dy, dw, dh, objectness logit``
     Hl, Wl  size of pyramid level ``l``
     N       anchors over all levels, ``sum_l Hl*Wl*A``, ordered ``(level, y, x, a)`` like AnchorGrid
-    M       ground-truth boxes per image after padding (``gt_mask`` marks the real ones)
+    M       ground-truth boxes per image after padding (``gt.mask`` marks the real ones)
     P       sampled positive anchors in the whole batch
     Q       proposal candidates of the whole batch entering NMS
     D       proposals of one image
@@ -18,8 +18,10 @@ Boxes are xyxy in absolute pixels of the network input. Raw layout of ``forward`
 ``0:4`` the deltas ``(dx, dy, dw, dh)`` of ``RcnnDeltaCoder`` (weights 1, 1, 1, 1; ``dw, dh`` clamped
 at log(1000/16) before ``exp``) relative to that anchor, column ``4`` the objectness logit.
 
-The RPN is class-agnostic: ``num_classes`` is accepted (the assembly passes it to every head) and
-ignored; proposals carry label 0.
+The RPN is class-agnostic (``task = "proposals"``): ``num_classes`` is accepted (the assembly passes
+it to every head) and ignored; proposals carry label 0. It meets the head contract of
+``models/heads/common.py``: the detector matches (the IoU matcher by default; any matcher's
+``MatchResult`` trains), and the loss samples from the matcher's roles.
 
 References: Ren et al., "Faster R-CNN", 2015 (anchors, IoU matching, 256 sampled anchors, NMS 0.7);
 Lin et al., "Feature Pyramid Networks", 2017 (one head shared over P2-P6, per-level top-n before
@@ -46,11 +48,17 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import batched_nms, clip_boxes_to_image
+from torchvision.ops import clip_boxes_to_image
 
 from anchordet.boxes import RcnnDeltaCoder
-from anchordet.matching import BalancedSampler
-from anchordet.models.heads.common import anchors_per_level
+from anchordet.matching import BalancedSampler, MatchResult, PaddedTargets
+from anchordet.models.heads.common import (
+    PROPOSALS,
+    anchors_per_level,
+    check_level_sizes,
+    concat_levels,
+    nms_per_image,
+)
 
 NUM_BOX_OUTPUTS = 4  # dx, dy, dw, dh
 OBJECTNESS_INDEX = 4
@@ -78,6 +86,8 @@ class RpnHead(nn.Module):
         score_thresh: proposals with sigmoid objectness below this are dropped (0 = none).
         box_coder: defaults to ``RcnnDeltaCoder()`` (weights 1, 1, 1, 1).
     """
+
+    task = PROPOSALS
 
     def __init__(
         self,
@@ -158,59 +168,26 @@ class RpnHead(nn.Module):
             raw_per_level.append(torch.cat([deltas, logits], dim=-1).reshape(batch, -1, NUM_OUTPUTS))
         return raw_per_level
 
-    @staticmethod
-    def _check_sizes(raw_per_level: list[Tensor], anchors) -> None:
-        predicted = [int(raw.shape[1]) for raw in raw_per_level]
-        if predicted != list(anchors.num_per_level):
-            raise ValueError(
-                f"RpnHead: {predicted} predictions per level but the AnchorGrid has "
-                f"{list(anchors.num_per_level)} anchors per level; the anchor shapes and grid sizes must "
-                f"match the head's levels and anchors per cell"
-            )
-
-    @classmethod
-    def _concat_levels(cls, raw_per_level: list[Tensor], anchors) -> Tensor:
-        """list of [B, Hl*Wl*A, 5] -> [B, N, 5] float32 (losses and decoding stay in fp32 under AMP)."""
-        cls._check_sizes(raw_per_level, anchors)
-        return torch.cat(list(raw_per_level), dim=1).float()
-
-    @staticmethod
-    def input_size(anchors) -> tuple[int, int]:
-        """(height, width) of the network input, read off the finest level's grid (Hl * stride)."""
-        (height, width), stride = anchors.grid_sizes[0], anchors.strides[0]
-        return int(round(height * stride)), int(round(width * stride))
-
     # ------------------------------------------------------------------ training
-    @torch.no_grad()
-    def match_with_labels(self, anchors, gt_boxes: Tensor, gt_mask: Tensor, matcher) -> tuple[Tensor, Tensor]:
-        """``matcher(anchors.boxes, gt_boxes, gt_mask, image_size) -> (matched_gt [B, N], labels [B, N])``."""
-        return matcher(anchors.boxes, gt_boxes, gt_mask, image_size=self.input_size(anchors))
+    def anchor_roles(self, raw_per_level: list[Tensor], anchors, gt: PaddedTargets,
+                     match: MatchResult) -> MatchResult:
+        """The matcher's roles, unchanged: the loss samples its anchors from them every step
+        (a fresh random draw, so the sample itself is not a role)."""
+        check_level_sizes(raw_per_level, anchors, "RpnHead")
+        return match
 
-    def match(self, anchors, gt_boxes: Tensor, gt_mask: Tensor, matcher) -> Tensor:
-        """The heads' common contract: ``matched_gt [B, N]`` (GT slot, -1 background, -2 ignored)."""
-        return self.match_with_labels(anchors, gt_boxes, gt_mask, matcher)[0]
-
-    def loss(
-        self,
-        raw_per_level: list[Tensor],
-        anchors,
-        gt_boxes: Tensor,
-        gt_labels: Tensor,
-        gt_mask: Tensor,
-        matcher,
-    ) -> dict[str, Tensor]:
+    def loss(self, raw_per_level: list[Tensor], anchors, gt: PaddedTargets,
+             match: MatchResult) -> dict[str, Tensor]:
         """``loss_obj`` (BCE on the sampled anchors) and ``loss_box`` (smooth L1 on the sampled
         positives' deltas), both summed and divided by the number of sampled anchors of the batch.
 
         raw_per_level: list of [B, Hl*Wl*A, 5]; anchors: the ``AnchorGrid`` of this input size;
-        gt_boxes [B, M, 4] xyxy input px, gt_labels [B, M] (unused: class-agnostic), gt_mask [B, M]
-        bool; matcher: ``IoUMatcher`` (see ``match``).
+        gt: ``PaddedTargets`` (the labels are unused: class-agnostic); match: the detector's
+        ``MatchResult``, whose labels (1 / 0 / -1) the ``BalancedSampler`` draws from.
         """
-        raw = self._concat_levels(raw_per_level, anchors)  # [B, N, 5]
-        gt_boxes = gt_boxes.float()
+        raw = concat_levels(raw_per_level, anchors, "RpnHead")  # [B, N, 5]
         with torch.no_grad():
-            matched_gt, labels = self.match_with_labels(anchors, gt_boxes, gt_mask, matcher)  # [B, N] each
-            sampled_positive, sampled_negative = self.sampler(labels)  # [B, N] each
+            sampled_positive, sampled_negative = self.sampler(match.labels)  # [B, N] each
         sampled = sampled_positive | sampled_negative
         # A tensor, not int(): no device sync; at least 1 so a batch without anchors stays finite.
         num_sampled = sampled.sum().clamp(min=1).to(raw.dtype)
@@ -223,7 +200,7 @@ class RpnHead(nn.Module):
         # Indexing keeps only sampled positives; none gives [0, 4] tensors whose sum is exactly 0
         # while staying in the graph, so backward works on images without boxes.
         image_index, anchor_index = sampled_positive.nonzero(as_tuple=True)  # [P] each
-        target_boxes = gt_boxes[image_index, matched_gt[image_index, anchor_index]]  # [P, 4]
+        target_boxes = gt.boxes.float()[image_index, match.matched_gt[image_index, anchor_index]]  # [P, 4]
         target_deltas = self.box_coder.encode(anchors.boxes[anchor_index], target_boxes)  # [P, 4]
         pred_deltas = raw[image_index, anchor_index, :NUM_BOX_OUTPUTS]  # [P, 4]
         box_l1 = F.smooth_l1_loss(pred_deltas, target_deltas, beta=self.smooth_l1_beta, reduction="sum")
@@ -232,19 +209,18 @@ class RpnHead(nn.Module):
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
-    def postprocess(self, raw_per_level: list[Tensor], anchors, image_size: int | tuple[int, int]) -> list[dict]:
+    def postprocess(self, raw_per_level: list[Tensor], anchors) -> list[dict]:
         """Raw outputs -> per image ``{"boxes" [D,4] xyxy input px, "scores" [D], "labels" [D] int64 zeros}``.
 
         Per level and image the ``pre_nms_top_n`` highest objectness logits are decoded, clipped to
-        the image and freed of boxes smaller than ``min_size``; NMS at ``nms_iou`` runs per image and
-        level (one ``batched_nms`` call, group ``image * L + level``), then the ``post_nms_top_n``
-        best of each image are kept, sorted by score (sigmoid objectness). The train / test numbers
-        are chosen by ``self.training`` (``Detector.predict`` runs in eval mode, hence test).
+        ``anchors.input_size`` and freed of boxes smaller than ``min_size``; NMS at ``nms_iou`` runs
+        per image and level (group ``image * L + level``), then the ``post_nms_top_n`` best of each
+        image are kept, sorted by score (sigmoid objectness). The train / test numbers are chosen by
+        ``self.training`` (``Detector.predict`` runs in eval mode, hence test).
         """
-        height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
         mode = "train" if self.training else "test"
         pre_nms_top_n, post_nms_top_n = self.pre_nms_top_n[mode], self.post_nms_top_n[mode]
-        self._check_sizes(raw_per_level, anchors)
+        check_level_sizes(raw_per_level, anchors, "RpnHead")
         anchors_per_level = anchors.split_per_level(anchors.boxes)  # list of [Hl*Wl*A, 4]
         num_levels = len(raw_per_level)
 
@@ -257,7 +233,7 @@ class RpnHead(nn.Module):
             boxes.append(self.box_coder.decode(top_deltas, level_anchors[top_index]))  # [B, k, 4]
             logits.append(top_logits)
             levels.append(torch.full_like(top_index, level))
-        boxes = clip_boxes_to_image(torch.cat(boxes, dim=1), (height, width))  # [B, K, 4]
+        boxes = clip_boxes_to_image(torch.cat(boxes, dim=1), anchors.input_size)  # [B, K, 4]
         scores = torch.cat(logits, dim=1).sigmoid()  # [B, K]
         levels = torch.cat(levels, dim=1)  # [B, K]
         batch_size = boxes.shape[0]
@@ -265,19 +241,7 @@ class RpnHead(nn.Module):
 
         wh = boxes[..., 2:4] - boxes[..., 0:2]
         keep = (wh >= self.min_size).all(dim=-1) & (scores >= self.score_thresh)  # [B, K]
-        cand_boxes, cand_scores = boxes[keep], scores[keep]  # [Q, 4], [Q]
         cand_images, cand_levels = images[keep], levels[keep]  # [Q], [Q]
-        # One NMS call for the batch; a group per (image, level) keeps images and levels apart.
-        kept = batched_nms(cand_boxes, cand_scores, cand_images * num_levels + cand_levels, self.nms_iou)
-        # batched_nms sorts by score; a stable sort by image keeps that order inside each image.
-        kept = kept[torch.sort(cand_images[kept], stable=True).indices]
-        kept_images = cand_images[kept]
-        counts = torch.bincount(kept_images, minlength=batch_size)  # [B]
-        first_of_image = torch.cumsum(counts, 0) - counts
-        rank_in_image = torch.arange(kept.numel(), device=boxes.device) - first_of_image[kept_images]
-        kept = kept[rank_in_image < post_nms_top_n]
-        counts = counts.clamp(max=post_nms_top_n).tolist()
-        return [
-            {"boxes": b, "scores": s, "labels": torch.zeros_like(s, dtype=torch.long)}
-            for b, s in zip(cand_boxes[kept].split(counts), cand_scores[kept].split(counts))
-        ]
+        return nms_per_image(boxes[keep], scores[keep], torch.zeros_like(cand_images), cand_images,
+                             groups=cand_images * num_levels + cand_levels, batch_size=batch_size,
+                             nms_iou=self.nms_iou, max_per_image=post_nms_top_n)

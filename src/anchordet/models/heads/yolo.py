@@ -9,11 +9,17 @@ Shape glossary
     K       outputs per anchor, ``5 + C``: ``tx, ty, tw, th, objectness, C class logits``
     Hl, Wl  size of pyramid level ``l``
     N       anchors over all levels, ``sum_l Hl*Wl*A``, ordered ``(level, y, x, a)`` like AnchorGrid
-    M       ground-truth boxes per image after padding (``gt_mask`` marks the real ones)
+    M       ground-truth boxes per image after padding (``gt.mask`` marks the real ones)
     P       positive (matched) anchors in the whole batch
+    Q       (anchor, class) candidates of the whole batch entering NMS
+    D       detections kept for one image
 
 Boxes are xyxy in absolute pixels of the network input. Decoding is ``YoloBoxCoder`` (Redmon &
 Farhadi, "YOLO9000", 2017): ``x = (cx + sigmoid(tx)) * stride``, ``w = pw * exp(tw)``.
+
+The head meets the contract of ``models/heads/common.py``: the detector matches, and ``loss`` trains
+on whatever ``MatchResult`` any matcher gives (YOLO's best-shape cell, or IoU thresholds as in
+RetinaNet, whose ignore band it respects).
 
 Design choices
     * One conv tower shared by all levels, one 1x1 predictor per level. The FPN already puts every
@@ -22,6 +28,10 @@ Design choices
       k-means shape on each level, and the number of anchors may even differ between levels.
     * Classes are one-vs-all sigmoids with BCE (YOLOv3), so the inference score of class ``c`` is
       ``sigmoid(obj) * sigmoid(cls_c)``, independent per class like the training target.
+    * Anchor roles: foreground and ignored as the matcher says, plus YOLOv2/v3's ignore rule: a
+      background anchor whose *decoded prediction* already overlaps some GT by more than
+      ``ignore_iou`` gets no objectness loss (it is a good box, just not the chosen one).
+      ``anchor_roles`` returns exactly the roles the loss uses, so the pictures show the truth.
     * Objectness target of a positive is 1, not its IoU (YOLOv3, not YOLOv2's rescoring): early in
       training the predicted boxes barely overlap anything, and an IoU target would then teach
       "no object here" exactly where the objects are.
@@ -41,7 +51,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import (
-    batched_nms,
     box_iou,
     clip_boxes_to_image,
     complete_box_iou_loss,
@@ -50,7 +59,8 @@ from torchvision.ops import (
 )
 
 from anchordet.boxes import YoloBoxCoder
-from anchordet.models.heads.common import anchors_per_level
+from anchordet.matching import BACKGROUND, FOREGROUND, IGNORE, MatchResult, PaddedTargets
+from anchordet.models.heads.common import DETECTIONS, anchors_per_level, concat_levels, nms_per_image
 
 BOX_LOSSES = ("giou", "diou", "ciou", "l1")
 IOU_BOX_LOSSES = {
@@ -79,6 +89,8 @@ def _norm_layer(norm: str, channels: int) -> nn.Module:
 class YoloHead(nn.Module):
     """Predicts ``(tx, ty, tw, th, objectness, class logits)`` for every anchor of every level.
 
+    ``task = "detections"``: class-labelled boxes, judged by COCO mAP.
+
     Args:
         in_channels: Cin of the feature levels.
         num_anchors: A, one int for every level or one per level.
@@ -92,7 +104,7 @@ class YoloHead(nn.Module):
             first steps.
         box_loss: "giou", "diou", "ciou" on decoded xyxy boxes, or "l1" on
             ``(sigmoid(tx), sigmoid(ty), tw, th)`` against the encoded target.
-        ignore_iou: unassigned anchors whose decoded box overlaps a GT above this IoU get no
+        ignore_iou: background anchors whose decoded box overlaps a GT above this IoU get no
             objectness loss (YOLOv2/v3: they are good boxes, just not the chosen one).
         obj_weight, noobj_weight: weights of the objectness BCE of positives and of negatives.
         cls_weight, box_weight: weights of the class and box terms. 5.0 for an IoU box loss follows
@@ -100,6 +112,8 @@ class YoloHead(nn.Module):
         score_thresh, topk_pre_nms, nms_iou, max_detections: inference settings of ``postprocess``.
         box_coder: defaults to ``YoloBoxCoder()``.
     """
+
+    task = DETECTIONS
 
     def __init__(
         self,
@@ -190,17 +204,6 @@ class YoloHead(nn.Module):
             raw_per_level.append(out.permute(0, 3, 4, 1, 2).reshape(batch, -1, self.num_outputs))
         return raw_per_level
 
-    def _concat_levels(self, raw_per_level: list[Tensor], anchors) -> Tensor:
-        """list of [B, Hl*Wl*A, K] -> [B, N, K] float32 (losses and decoding stay in fp32 under AMP)."""
-        raw = torch.cat(list(raw_per_level), dim=1).float()
-        if raw.shape[1] != anchors.cell_xy.shape[0]:
-            raise ValueError(
-                f"YoloHead: {raw.shape[1]} predictions but the AnchorGrid has "
-                f"{anchors.cell_xy.shape[0]} anchors (per level {list(anchors.num_per_level)}); the "
-                f"anchor shapes and grid sizes must match the head's levels and anchors per cell"
-            )
-        return raw
-
     def _decode(self, raw: Tensor, anchors) -> Tensor:
         """raw [B, N, K] -> boxes [B, N, 4] xyxy input px; anchor fields [N, ·] broadcast over B."""
         return self.box_coder.decode(
@@ -209,48 +212,43 @@ class YoloHead(nn.Module):
 
     # ------------------------------------------------------------------ training
     @torch.no_grad()
-    def match(self, anchors, gt_boxes: Tensor, gt_mask: Tensor, matcher) -> Tensor:
-        """How this head asks its matcher (the loss and the anchor pictures both go through here):
-        ``matcher(gt_boxes, gt_mask, shapes_per_level, strides, grid_sizes) -> matched_gt [B, N]``."""
-        return matcher(gt_boxes, gt_mask, anchors.shapes_per_level, anchors.strides, anchors.grid_sizes)
+    def _roles(self, pred_boxes: Tensor, gt: PaddedTargets, match: MatchResult) -> MatchResult:
+        """The matcher's roles plus the ignore rule, from decoded boxes [B, N, 4] (no gradient)."""
+        if gt.boxes.shape[1] == 0:
+            return match
+        iou = box_iou(pred_boxes, gt.boxes.float())  # [B, N, M]
+        best_iou = iou.masked_fill(~gt.mask[:, None, :], 0.0).amax(dim=2)  # [B, N]; padding never counts
+        ignored = (match.labels == BACKGROUND) & (best_iou > self.ignore_iou)
+        return MatchResult(match.matched_gt, match.labels.masked_fill(ignored, IGNORE))
 
-    def loss(
-        self,
-        raw_per_level: list[Tensor],
-        anchors,
-        gt_boxes: Tensor,
-        gt_labels: Tensor,
-        gt_mask: Tensor,
-        matcher,
-    ) -> dict[str, Tensor]:
+    def anchor_roles(self, raw_per_level: list[Tensor], anchors, gt: PaddedTargets,
+                     match: MatchResult) -> MatchResult:
+        """The roles ``loss`` trains with: labels 1 positive, 0 negative, -1 ignored (matcher's or
+        the head's ignore rule), ``[B, N]`` each."""
+        raw = concat_levels(raw_per_level, anchors, "YoloHead")
+        return self._roles(self._decode(raw.detach(), anchors), gt, match)
+
+    def loss(self, raw_per_level: list[Tensor], anchors, gt: PaddedTargets,
+             match: MatchResult) -> dict[str, Tensor]:
         """Loss terms, each already weighted: ``loss_obj``, ``loss_cls``, ``loss_box`` (scalars).
 
         raw_per_level: list of [B, Hl*Wl*A, K]; anchors: the ``AnchorGrid`` of this input size;
-        gt_boxes [B, M, 4] xyxy input px, gt_labels [B, M] int64, gt_mask [B, M] bool (padding
-        False); matcher(gt_boxes, gt_mask, shapes_per_level, strides, grid_sizes) -> [B, N] index
-        into M or -1.
+        gt: ``PaddedTargets`` (boxes [B, M, 4] xyxy input px, labels [B, M], mask [B, M]); match:
+        the detector's ``MatchResult`` (matched_gt [B, N], labels [B, N]).
         """
-        raw = self._concat_levels(raw_per_level, anchors)  # [B, N, K]
+        raw = concat_levels(raw_per_level, anchors, "YoloHead")  # [B, N, K]
         batch_size = raw.shape[0]
-        gt_boxes = gt_boxes.float()
-        matched_gt = self.match(anchors, gt_boxes, gt_mask, matcher)  # [B, N]
-        positive = matched_gt >= 0  # [B, N]
-        num_positive = max(1, int(positive.sum()))
+        gt_boxes = gt.boxes.float()
         pred_boxes = self._decode(raw, anchors)  # [B, N, 4]
+        roles = self._roles(pred_boxes.detach(), gt, match)
+        positive = roles.labels == FOREGROUND  # [B, N]
+        # A tensor, not int(): no device sync; at least 1 so a batch without objects stays finite.
+        num_positive = positive.sum().clamp(min=1).to(raw.dtype)
 
-        # Objectness over every anchor, with YOLOv2/v3's ignore rule for good unassigned boxes.
-        with torch.no_grad():
-            if gt_boxes.shape[1] > 0:
-                iou = box_iou(pred_boxes, gt_boxes)  # [B, N, M]
-                best_iou = iou.masked_fill(~gt_mask[:, None, :], 0.0).amax(dim=2)  # [B, N]
-            else:
-                best_iou = torch.zeros_like(positive, dtype=raw.dtype)
-            ignored = (best_iou > self.ignore_iou) & ~positive
-            obj_weights = torch.where(
-                positive,
-                torch.full_like(best_iou, self.obj_weight),
-                (~ignored).to(raw.dtype) * self.noobj_weight,
-            )
+        # Objectness over every anchor that is not ignored: positives towards 1, negatives towards 0.
+        obj_weights = torch.where(
+            positive, self.obj_weight, torch.where(roles.labels == BACKGROUND, self.noobj_weight, 0.0)
+        ).to(raw.dtype)  # [B, N]
         obj_bce = F.binary_cross_entropy_with_logits(
             raw[..., OBJECTNESS_INDEX], positive.to(raw.dtype), reduction="none"
         )  # [B, N]
@@ -258,10 +256,10 @@ class YoloHead(nn.Module):
 
         # Boolean indexing keeps only positives; an empty batch yields [0, ·] and sums to exactly 0
         # while staying in the graph, so backward works on images without boxes.
-        gt_index = matched_gt.clamp(min=0)  # [B, N], padding slot 0 where unmatched (masked below)
+        gt_index = roles.matched_gt.clamp(min=0)  # [B, N], padding slot 0 where unmatched (masked below)
         pos_raw = raw[positive]  # [P, K]
         pos_gt_boxes = gt_boxes.gather(1, gt_index[..., None].expand(-1, -1, 4))[positive]  # [P, 4]
-        pos_labels = gt_labels.gather(1, gt_index)[positive]  # [P]
+        pos_labels = gt.labels.gather(1, gt_index)[positive]  # [P]
 
         cls_target = F.one_hot(pos_labels, self.num_classes).to(raw.dtype)  # [P, C]
         cls_bce = F.binary_cross_entropy_with_logits(pos_raw[:, CLASS_OFFSET:], cls_target, reduction="sum")
@@ -291,17 +289,16 @@ class YoloHead(nn.Module):
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
-    def postprocess(self, raw_per_level: list[Tensor], anchors, image_size: int | tuple[int, int]) -> list[dict]:
+    def postprocess(self, raw_per_level: list[Tensor], anchors) -> list[dict]:
         """Raw outputs -> per image ``{"boxes" [D,4] xyxy input px, "scores" [D], "labels" [D] int64}``.
 
         Score of class c = sigmoid(obj) * sigmoid(cls_c). The top ``topk_pre_nms`` (anchor, class)
         pairs above ``score_thresh`` per image go through class-wise NMS; at most
-        ``max_detections`` survive, sorted by score. Boxes are clipped to the input image.
+        ``max_detections`` survive, sorted by score. Boxes are clipped to ``anchors.input_size``.
         """
-        height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
-        raw = self._concat_levels(raw_per_level, anchors)  # [B, N, K]
-        batch_size, _, _ = raw.shape
-        boxes = clip_boxes_to_image(self._decode(raw, anchors), (height, width))  # [B, N, 4]
+        raw = concat_levels(raw_per_level, anchors, "YoloHead")  # [B, N, K]
+        batch_size = raw.shape[0]
+        boxes = clip_boxes_to_image(self._decode(raw, anchors), anchors.input_size)  # [B, N, 4]
         scores = raw[..., OBJECTNESS_INDEX:CLASS_OFFSET].sigmoid() * raw[..., CLASS_OFFSET:].sigmoid()
         # (B, N, C) -> (B, N*C): candidate n*C + c is anchor n with class c.
         flat_scores = scores.flatten(1)
@@ -313,21 +310,7 @@ class YoloHead(nn.Module):
         image_index = torch.arange(batch_size, device=raw.device)[:, None].expand(-1, k)
 
         keep = top_scores > self.score_thresh  # [B, k]
-        cand_boxes, cand_scores = top_boxes[keep], top_scores[keep]  # [Q, 4], [Q]
-        cand_labels, cand_images = top_labels[keep], image_index[keep]  # [Q], [Q]
-        # One NMS call for the whole batch: a group per (image, class) keeps images apart.
-        kept = batched_nms(cand_boxes, cand_scores, cand_images * self.num_classes + cand_labels, self.nms_iou)
-        # batched_nms sorts by score; a stable sort by image keeps that order inside each image.
-        kept = kept[torch.sort(cand_images[kept], stable=True).indices]
-        kept_images = cand_images[kept]
-        counts = torch.bincount(kept_images, minlength=batch_size)  # [B]
-        first_of_image = torch.cumsum(counts, 0) - counts
-        rank_in_image = torch.arange(kept.numel(), device=raw.device) - first_of_image[kept_images]
-        kept = kept[rank_in_image < self.max_detections]
-        counts = counts.clamp(max=self.max_detections).tolist()
-        return [
-            {"boxes": b, "scores": s, "labels": l}
-            for b, s, l in zip(
-                cand_boxes[kept].split(counts), cand_scores[kept].split(counts), cand_labels[kept].split(counts)
-            )
-        ]
+        cand_images, cand_labels = image_index[keep], top_labels[keep]  # [Q], [Q]
+        return nms_per_image(top_boxes[keep], top_scores[keep], cand_labels, cand_images,
+                             groups=cand_images * self.num_classes + cand_labels, batch_size=batch_size,
+                             nms_iou=self.nms_iou, max_per_image=self.max_detections)
