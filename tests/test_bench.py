@@ -11,7 +11,7 @@ import torch
 from anchordet import bench
 
 TINY = ["--device", "cpu", "--image-size", "64", "--batch-size", "1", "--warmup", "1", "--iters", "1"]
-CASE_KEYS = {"case", "device", "precision", "image_size", "batch_size", "median_step_s", "images_per_s",
+CASE_KEYS = {"case", "device", "precision", "image_size", "batch_size", "compile", "median_step_s", "images_per_s",
              "peak_mem_mb"}
 
 

@@ -6,8 +6,9 @@ import torch
 from torchvision.models.detection._utils import Matcher as TorchvisionMatcher
 from torchvision.ops import box_iou
 
+import anchordet.matching as matching
 from anchordet.anchors import AnchorGrid
-from anchordet.matching import BalancedSampler, IoUMatcher, match_iou_matrix, pad_targets
+from anchordet.matching import BalancedSampler, IoUMatcher, best_iou_with_gt, match_iou_matrix, pad_targets
 
 # Rows are anchors a0..a3, columns GTs g0..g2. Column maxima: g0 0.9 (a0), g1 0.4 (a1), g2 0.25 (a3).
 HAND_IOU = torch.tensor(
@@ -120,6 +121,35 @@ def test_cross_boundary_anchors_are_ignored_only_when_asked():
     assert labels.tolist() == [[1, 1]] and matched.tolist() == [[0, 1]]
     matched, labels = IoUMatcher(ignore_cross_boundary=True, allow_low_quality=False)(grid, gt_boxes, gt_mask)
     assert labels.tolist() == [[1, -1]] and matched.tolist() == [[0, -1]]
+
+
+def test_matching_in_blocks_equals_the_whole_matrix_and_bounds_the_block_size(monkeypatch):
+    """Crowded images match in blocks of anchors (MAX_IOU_ELEMENTS), with the same result as one
+    [B, N, M] matrix, including the low-quality matches that need every block's maximum first."""
+    g = torch.Generator().manual_seed(7)
+    grid = AnchorGrid.build([8 + 60 * torch.rand(3, 2, generator=g)], [8], [(20, 20)], (160, 160))
+    targets = [{"boxes": _random_boxes(n, g, extent=150), "labels": torch.zeros(n, dtype=torch.long)}
+               for n in (40, 0, 25)]
+    gt_boxes, _, gt_mask = pad_targets(targets)
+    whole = match_iou_matrix(box_iou(grid.boxes[None], gt_boxes), gt_mask)
+    sizes = []
+    real_box_iou = matching.box_iou
+
+    def recording_box_iou(a, b):
+        result = real_box_iou(a, b)
+        sizes.append(result.numel())
+        return result
+
+    monkeypatch.setattr(matching, "box_iou", recording_box_iou)
+    monkeypatch.setattr(matching, "MAX_IOU_ELEMENTS", 3 * 40 * 100)  # blocks of 100 of the 1200 anchors
+    blocked = IoUMatcher()(grid, gt_boxes, gt_mask)
+    assert torch.equal(blocked.labels, whole.labels) and torch.equal(blocked.matched_gt, whole.matched_gt)
+    assert max(sizes) <= 3 * 40 * 100 and len(sizes) == 2 * 12  # two passes over 12 blocks
+    assert (whole.labels == 1).any() and (whole.labels == -1).any()
+    # YOLO's ignore rule takes the best IoU per decoded box the same way.
+    decoded = grid.boxes[None].expand(3, -1, -1) + torch.randn(3, grid.num_anchors, 4, generator=g)
+    expected = box_iou(decoded, gt_boxes).masked_fill(~gt_mask[:, None, :], -1.0).amax(dim=2)
+    torch.testing.assert_close(best_iou_with_gt(decoded, gt_boxes, gt_mask), expected)
 
 
 # ------------------------------------------------------------------ sampler

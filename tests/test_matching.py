@@ -163,3 +163,21 @@ def test_yolo_matcher_equals_reference_loop_on_random_batches(seed, multi_anchor
     # Matches point only at real GT slots, and the random batch does exercise the matcher.
     b, n = (matched >= 0).nonzero(as_tuple=True)
     assert gt_mask[b, matched[b, n]].all() and b.numel() >= 10
+
+
+def test_the_documented_example():
+    """The worked example of the matcher contract in docs/architecture.md, line by line."""
+    from anchordet.matching import IoUMatcher
+
+    grid = AnchorGrid.build([torch.tensor([[16.0, 16.0]])], [16], [(2, 2)], (32, 32))
+    assert grid.boxes.tolist() == [[0, 0, 16, 16], [16, 0, 32, 16], [0, 16, 16, 32], [16, 16, 32, 32]]
+    gt_boxes = torch.tensor([[[2.0, 0.0, 18.0, 16.0], [0.0, 0.0, 0.0, 0.0]]])
+    gt_mask = torch.tensor([[True, False]])
+    rows = [
+        (IoUMatcher(fg_iou=0.7, bg_iou=0.3), [[0, -1, -1, -1]], [[1, 0, 0, 0]]),
+        (IoUMatcher(fg_iou=0.9, bg_iou=0.05, allow_low_quality=False), [[-1, -1, -1, -1]], [[-1, -1, 0, 0]]),
+        (YoloMatcher(), [[0, -1, -1, -1]], [[1, 0, 0, 0]]),
+    ]
+    for matcher, matched_gt, labels in rows:
+        result = matcher(grid, gt_boxes, gt_mask)
+        assert result.matched_gt.tolist() == matched_gt and result.labels.tolist() == labels, matcher

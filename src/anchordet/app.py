@@ -13,10 +13,13 @@ between a composed config and the library's plain-argument classes lives here:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
 import sys
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import lightning as L
@@ -26,20 +29,36 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from anchordet.assembly import assemble_detector
-from anchordet.data import collate
+from anchordet.checkpointing import CheckpointWriteError, NonFiniteWeightsError, read_checkpoint
+from anchordet.data import CocoDataModule, DatasetError, collate
 from anchordet.data.categories import CategoryMap
 from anchordet.distributed import distributed_job_scope
 from anchordet.evaluation import METRICS_OF_TASK, format_per_class_table, write_results
 from anchordet.hparams import HParamsSession, flatten_hyperparameters, run_outcome
+from anchordet.inference import find_images, write_predictions
 from anchordet.models.detector import Detector
 from anchordet.models.heads.common import DETECTIONS
-from anchordet.module import DetectionModule, read_checkpoint
+from anchordet.guard import NonFiniteError
+from anchordet.module import DetectionModule
 from anchordet.sweep import write_run_result
 from anchordet.viz import write_prediction_overlays
 
 log = logging.getLogger("anchordet.app")
 # What Lightning's SLURM auto-requeue saves in the run folder (default_root_dir) before requeueing.
 HPC_CHECKPOINT = re.compile(r"hpc_ckpt_(\d+)\.ckpt")
+# Errors whose message says all a user needs (the file, the step, what to change): shown as one
+# line, without the traceback through Lightning that would bury it.
+USER_ERRORS = (DatasetError, CheckpointWriteError, NonFiniteError, NonFiniteWeightsError)
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn `USER_ERRORS` into ``SystemExit("error: ...")``: exit status 1, the message on stderr."""
+    try:
+        yield
+    except USER_ERRORS as error:
+        log.error("%s", error)
+        raise SystemExit(f"error: {error}") from None
 
 
 # ---------------------------------------------------------------------------- parts
@@ -70,6 +89,12 @@ def anchors_from_checkpoint(checkpoint: dict) -> tuple[list[torch.Tensor], float
     # Checkpoints written before the offset moved into the anchor config kept it at the top level.
     offset = saved.get("anchor_offset", saved["run_config"].get("anchor_offset", 0.5))
     return shapes, float(offset)
+
+
+def compile_options(cfg: DictConfig) -> dict | None:
+    """`compile.enabled=true` -> the torch.compile keyword arguments of the rest of `compile`."""
+    options = OmegaConf.to_container(cfg.get("compile") or OmegaConf.create({"enabled": False}))
+    return None if not options.pop("enabled", False) else {k: v for k, v in options.items() if v is not None}
 
 
 def check_monitor(monitor: str, task: str) -> None:
@@ -112,12 +137,14 @@ def resolve_resume(cfg: DictConfig) -> Path | None:
         return newest.resolve()
     if cfg.get("resume") and not ckpt_path:
         checkpoint_dir = Path(cfg.paths.output_dir) / "checkpoints"
-        candidates = [p for p in [checkpoint_dir / "last.ckpt", *checkpoint_dir.glob("step-*.ckpt")] if p.is_file()]
+        candidates = [p for p in [checkpoint_dir / "last.ckpt", checkpoint_dir / "on_exception.ckpt",
+                                  *checkpoint_dir.glob("step-*.ckpt")] if p.is_file()]
         if not candidates:
             raise FileNotFoundError(
-                f"resume=true but {checkpoint_dir} holds no last.ckpt or step-*.ckpt: run inside the folder "
-                "of the run to resume (hydra.run.dir=outputs/runs/<date>/<time>) or pass ckpt_path=...")
-        # The step checkpoint is newer than last.ckpt when the run died mid-epoch.
+                f"resume=true but {checkpoint_dir} holds no last.ckpt, on_exception.ckpt or step-*.ckpt: run "
+                "inside the folder of the run to resume (hydra.run.dir=outputs/runs/<date>/<time>) or pass "
+                "ckpt_path=...")
+        # The newest one holds the most work: a step or exception checkpoint when the run died mid-epoch.
         ckpt_path = max(candidates, key=lambda p: p.stat().st_mtime)
     if not ckpt_path:
         return None
@@ -163,13 +190,22 @@ def prepare_ddp(cfg: DictConfig) -> DictConfig:
 def train(cfg: DictConfig) -> float | None:
     """Fit anchors (or take them from the checkpoint being resumed), build the detector and train it.
     Returns the best value of `monitor`, which Hydra sweepers optimise."""
+    with user_errors():
+        return _train(cfg)
+
+
+def _train(cfg: DictConfig) -> float | None:
+    # The module normalises batches on the device in on_after_batch_transfer on purpose; Lightning
+    # warns about any such hook when a datamodule is used too.
+    warnings.filterwarnings("ignore", message="You have overridden `on_after_batch_transfer`")
     L.seed_everything(cfg.seed, workers=True)
+    allow_unsafe = bool(cfg.get("allow_unsafe_checkpoint", False))
     resume_from = resolve_resume(cfg)
     datamodule = instantiate(cfg.data)
     category_map: CategoryMap = datamodule.category_map
     if resume_from is not None:
         # The anchors the weights were trained with, not a new clustering of (maybe changed) data.
-        anchor_shapes, anchor_offset = anchors_from_checkpoint(read_checkpoint(resume_from))
+        anchor_shapes, anchor_offset = anchors_from_checkpoint(read_checkpoint(resume_from, allow_unsafe))
         anchor_report = None
         log.info("anchors from the checkpoint %s (no new k-means clustering): %s", resume_from,
                  [len(s) for s in anchor_shapes])
@@ -180,7 +216,8 @@ def train(cfg: DictConfig) -> float | None:
     module = DetectionModule(
         detector, category_map, str(datamodule.val_annotation_file),
         optimizer=instantiate(cfg.optim.optimizer), scheduler=instantiate(cfg.optim.scheduler),
-        run_config=OmegaConf.to_container(cfg, resolve=True), anchor_report=anchor_report)
+        run_config=OmegaConf.to_container(cfg, resolve=True), anchor_report=anchor_report,
+        eval_backend=cfg.evaluation.backend, compile=compile_options(cfg))
 
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     # The run's row in TensorBoard's HParams tab: resolved settings + Hydra choices, final metrics.
@@ -191,7 +228,7 @@ def train(cfg: DictConfig) -> float | None:
     trainer_cfg = OmegaConf.merge(prepare_ddp(cfg), {"precision": resolve_precision(cfg.trainer)})
     trainer: L.Trainer = instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False)
     with distributed_job_scope():
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=not allow_unsafe)
         return report_result(cfg, trainer)
 
 
@@ -220,30 +257,53 @@ def override_head(run_cfg: DictConfig, head_overrides: DictConfig | dict | None)
         run_cfg.head[key] = value
 
 
-def rebuild_module(checkpoint: dict, data_overrides: DictConfig | dict | None = None,
-                   head_overrides: DictConfig | dict | None = None) -> tuple[DetectionModule, object]:
-    """(module with trained weights, datamodule) from a checkpoint written by `train`."""
+def rebuild_module(checkpoint: dict, head_overrides: DictConfig | dict | None = None,
+                   eval_backend: str = "faster_coco_eval", val_annotation_file: str | None = None) -> DetectionModule:
+    """The trained module of a checkpoint written by `train` (config, anchors, classes and weights
+    all from the checkpoint), with inference-time head settings applied."""
     saved = checkpoint["anchordet"]
     run_cfg = OmegaConf.create(saved["run_config"])
     override_head(run_cfg, head_overrides)
-    data_overrides = OmegaConf.create(data_overrides or {})
-    # An override with its own _target_ is a whole new data config (another dataset class); otherwise
-    # it adjusts the training run's data config (e.g. +data.batch_size=2).
-    data_cfg = data_overrides if "_target_" in data_overrides else OmegaConf.merge(run_cfg.data, data_overrides)
-    datamodule = instantiate(data_cfg)
     trained_map = CategoryMap.from_dict(saved["category_map"])
+    anchor_shapes, anchor_offset = anchors_from_checkpoint(checkpoint)
+    detector = build_detector(run_cfg, anchor_shapes, trained_map.num_classes, anchor_offset,
+                              load_backbone_weights=False)
+    module = DetectionModule(detector, trained_map, val_annotation_file, run_config=saved["run_config"],
+                             eval_backend=eval_backend)
+    module.load_state_dict(checkpoint["state_dict"])
+    return module
+
+
+# Keys of evaluate.yaml's `data` that point at other annotated data; the rest adjust the loader.
+EVALUATION_DATA_PATHS = ("root", "val_images", "val_annotations")
+
+
+def evaluation_datamodule(checkpoint: dict, data_overrides: DictConfig | dict | None):
+    """The data to evaluate a checkpoint on: its training run's validation data, or other COCO data.
+
+    ``data.root=/path/to/coco`` (the 2017 layout's val2017) or ``data.val_images=... data.val_annotations=...``
+    evaluate on that annotation file, whose categories must be the checkpoint's (no training files
+    needed); ``data.batch_size`` / ``data.num_workers`` adjust either; an override with its own
+    ``_target_`` replaces the data config whole.
+    """
+    saved = checkpoint["anchordet"]
+    run_data = OmegaConf.create(saved["run_config"]).data
+    given = {k: v for k, v in OmegaConf.to_container(OmegaConf.create(data_overrides or {})).items() if v is not None}
+    trained_map = CategoryMap.from_dict(saved["category_map"])
+    if "_target_" in given:
+        datamodule = instantiate(given)
+    elif any(key in given for key in EVALUATION_DATA_PATHS):
+        loader = {k: given.get(k, run_data.get(k)) for k in ("batch_size", "num_workers") if given.get(k, run_data.get(k)) is not None}
+        datamodule = CocoDataModule(**{k: given.get(k) for k in EVALUATION_DATA_PATHS}, image_size=run_data.image_size,
+                                    category_map=trained_map, **loader)
+    else:
+        datamodule = instantiate(OmegaConf.merge(run_data, given))
     if datamodule.category_map != trained_map:
         raise ValueError(
             f"the dataset's classes ({datamodule.category_map.names}) disagree with the checkpoint's "
             f"({trained_map.names}): evaluate on data with the categories the model was trained on "
             "(check data.* overrides)")
-    anchor_shapes, anchor_offset = anchors_from_checkpoint(checkpoint)
-    detector = build_detector(run_cfg, anchor_shapes, trained_map.num_classes, anchor_offset,
-                              load_backbone_weights=False)
-    module = DetectionModule(detector, trained_map, str(datamodule.val_annotation_file),
-                             run_config=saved["run_config"])
-    module.load_state_dict(checkpoint["state_dict"])
-    return module, datamodule
+    return datamodule
 
 
 @torch.no_grad()
@@ -264,9 +324,15 @@ def write_overlays(module: DetectionModule, datamodule, out_dir: Path, num_image
 
 def evaluate(cfg: DictConfig) -> dict:
     """Evaluate `cfg.ckpt_path` on its validation data: results JSON, metrics.json, overlays, printout."""
-    checkpoint = read_checkpoint(cfg.ckpt_path)
+    with user_errors():
+        return _evaluate(cfg)
+
+
+def _evaluate(cfg: DictConfig) -> dict:
+    checkpoint = read_checkpoint(cfg.ckpt_path, bool(cfg.get("allow_unsafe_checkpoint", False)))
     head_overrides = OmegaConf.to_container(cfg.get("head") or OmegaConf.create({}))
-    module, datamodule = rebuild_module(checkpoint, cfg.get("data"), head_overrides)
+    datamodule = evaluation_datamodule(checkpoint, cfg.get("data"))
+    module = rebuild_module(checkpoint, head_overrides, cfg.evaluation.backend, str(datamodule.val_annotation_file))
     if cfg.split != "val":
         raise ValueError(f"split={cfg.split!r}: only 'val' is supported (point data.val_images / "
                          "data.val_annotations at another split to evaluate it)")
@@ -294,7 +360,7 @@ def evaluate(cfg: DictConfig) -> dict:
     metrics = {"checkpoint": str(Path(cfg.ckpt_path).resolve()), "split": cfg.split,
                "annotation_file": str(module.val_annotation_file),
                "num_images": len(module.last_image_ids),
-               "head_overrides": head_overrides,
+               "head_overrides": head_overrides, "evaluation_backend": cfg.evaluation.backend,
                **evaluation.metrics}
     if detections:
         metrics["per_class_AP"] = evaluation.per_class_ap
@@ -308,3 +374,24 @@ def evaluate(cfg: DictConfig) -> dict:
     print(f"wrote {output_dir / results_name}, {output_dir / 'metrics.json'} and {len(overlays)} overlays "
           f"in {output_dir / 'overlays'}")
     return metrics
+
+
+# ---------------------------------------------------------------------------- prediction
+def predict(cfg: DictConfig) -> dict:
+    """Run `cfg.ckpt_path` on the images `cfg.source` names; write predictions.json, images.json and
+    overlays into the run folder."""
+    with user_errors():
+        return _predict(cfg)
+
+
+def _predict(cfg: DictConfig) -> dict:
+    checkpoint = read_checkpoint(cfg.ckpt_path, bool(cfg.get("allow_unsafe_checkpoint", False)))
+    head_overrides = OmegaConf.to_container(cfg.get("head") or OmegaConf.create({}))
+    module = rebuild_module(checkpoint, head_overrides)
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
+                          else ("cpu" if cfg.device == "auto" else cfg.device))
+    image_size = int(checkpoint["anchordet"]["run_config"]["data"]["image_size"])
+    return write_predictions(module, find_images(cfg.source), image_size, Path(cfg.output_dir), device,
+                             batch_size=int(cfg.batch_size), num_workers=int(cfg.num_workers),
+                             score_threshold=float(cfg.score_threshold), max_detections=int(cfg.max_detections),
+                             overlays=bool(cfg.overlays), max_overlays=int(cfg.max_overlays))

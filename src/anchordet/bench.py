@@ -211,6 +211,8 @@ def run_case(name: str, batch: SyntheticBatch, args: argparse.Namespace) -> dict
     model.to(device).train()
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
+    if args.compile:
+        model.compile()  # in place; the warm-up steps absorb the compilation
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
 
     def train_step() -> None:
@@ -236,7 +238,7 @@ def run_case(name: str, batch: SyntheticBatch, args: argparse.Namespace) -> dict
     if device.type == "cuda":
         torch.cuda.empty_cache()
     median = statistics.median(durations)
-    return {"case": name, "device": device.type, "precision": args.precision,
+    return {"case": name, "device": device.type, "precision": args.precision, "compile": bool(args.compile),
             "image_size": args.image_size, "batch_size": args.batch_size, "median_step_s": median,
             "images_per_s": args.batch_size / median,
             "peak_mem_mb": None if peak_mb is None else round(peak_mb, 1)}
@@ -271,6 +273,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"comma-separated subset of {','.join(BENCHMARK_CASES)}")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                         help="default: on for cuda, off for cpu")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every model (inductor)")
     parser.add_argument("--out", type=Path, help="also write the JSON lines to this file")
     args = parser.parse_args(argv)
     if args.device == "auto":

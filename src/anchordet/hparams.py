@@ -21,7 +21,7 @@ from typing import Any, Mapping
 import lightning as L
 
 # Config sections that say where and how a run reports, not what it trains.
-NOT_HYPERPARAMETERS = ("paths", "callbacks", "logger", "ckpt_path", "resume", "task_name")
+NOT_HYPERPARAMETERS = ("paths", "callbacks", "logger", "ckpt_path", "resume", "task_name", "allow_unsafe_checkpoint")
 # Prefix of the HParams metrics; separate tags so the step-0 values the logger writes for them do
 # not land on the val/* curves.
 METRIC_PREFIX = "hp/"

@@ -21,7 +21,7 @@ The contract every matcher meets (``docs/architecture.md`` has a worked example)
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
 import torch
@@ -189,6 +189,43 @@ class YoloMatcher:
 # IoU-threshold matching and balanced sampling (Faster R-CNN RPN: Ren et al., "Faster R-CNN", 2015)
 # ---------------------------------------------------------------------------------------------------
 
+# IoU values computed at once: [B, n, M] blocks of at most this many floats (256 MB in fp32). A
+# crowd dataset at 640 px (500 objects per image, 102k RPN anchors, batch 16) would otherwise build
+# a 3.3 GB matrix, and as much again in the masks derived from it.
+MAX_IOU_ELEMENTS = 1 << 26
+
+IouBlocks = Callable[[], Iterator[tuple[slice, Tensor]]]
+
+
+def _masked(iou: Tensor, gt_mask: Tensor) -> Tensor:
+    # NaN (0/0 of two empty boxes) and padding both become -1: below any threshold, never a best GT.
+    return iou.float().nan_to_num(0.0).masked_fill(~gt_mask[:, None, :], -1.0)
+
+
+def _match_blocks(blocks: IouBlocks, shape: tuple[int, int, int], device, fg_iou: float, bg_iou: float,
+                  allow_low_quality: bool) -> MatchResult:
+    """The thresholds of `match_iou_matrix` over IoU blocks ``[B, n, M]`` that cover the N anchors.
+
+    One pass gives every anchor its best GT and every GT its best IoU; the low-quality rule needs a
+    second pass (an anchor is promoted when it holds its GT's best IoU, known only after the first).
+    """
+    num_images, num_anchors, num_slots = shape
+    best_iou = torch.full((num_images, num_anchors), -1.0, device=device)
+    best_gt = torch.zeros((num_images, num_anchors), dtype=torch.long, device=device)
+    best_per_gt = torch.full((num_images, 1, max(num_slots, 1)), -1.0, device=device)
+    if num_slots:
+        for rows, iou in blocks():
+            best_iou[:, rows], best_gt[:, rows] = iou.max(dim=2)  # max returns the first maximal index on ties
+            best_per_gt = torch.maximum(best_per_gt, iou.amax(dim=1, keepdim=True))
+    labels = torch.where(best_iou >= fg_iou, FOREGROUND, torch.where(best_iou >= bg_iou, IGNORE, BACKGROUND))
+    if num_slots and allow_low_quality:
+        for rows, iou in blocks():
+            # [B, n, M] -> [B, n]: an anchor holding some real GT's highest IoU (> 0), ties included.
+            is_gt_best = ((iou == best_per_gt) & (best_per_gt > 0)).any(dim=2)
+            labels[:, rows] = torch.where(is_gt_best, FOREGROUND, labels[:, rows])
+    return MatchResult(torch.where(labels == FOREGROUND, best_gt, UNMATCHED), labels)
+
+
 def match_iou_matrix(
     iou: Tensor,
     gt_mask: Tensor | None = None,
@@ -218,27 +255,42 @@ def match_iou_matrix(
         gt_mask = None if gt_mask is None else gt_mask[None]
     if iou.ndim != 3:
         raise ValueError(f"iou must be [B, N, M] or [N, M], got {tuple(iou.shape)}")
-    num_images, num_anchors, num_slots = iou.shape
     if gt_mask is None:
-        gt_mask = torch.ones((num_images, num_slots), dtype=torch.bool, device=iou.device)
-    if num_slots == 0:
-        best_gt = torch.zeros((num_images, num_anchors), dtype=torch.long, device=iou.device)
-        labels = torch.full_like(best_gt, BACKGROUND)
-    else:
-        # NaN (0/0 of two empty boxes) and padding both become -1: below any threshold, never a best GT.
-        iou = iou.float().nan_to_num(0.0).masked_fill(~gt_mask[:, None, :], -1.0)
-        best_iou, best_gt = iou.max(dim=2)  # [B, N]; max returns the first maximal index on ties
-        labels = torch.where(best_iou >= fg_iou, FOREGROUND,
-                             torch.where(best_iou >= bg_iou, IGNORE, BACKGROUND))
-        if allow_low_quality:
-            best_per_gt = iou.amax(dim=1, keepdim=True)  # [B, 1, M]
-            # [B, N, M] -> [B, N]: an anchor holding some real GT's highest IoU (> 0), ties included.
-            is_gt_best = ((iou == best_per_gt) & (best_per_gt > 0)).any(dim=2)
-            labels = torch.where(is_gt_best, FOREGROUND, labels)
-    matched = torch.where(labels == FOREGROUND, best_gt, UNMATCHED)
-    if unbatched:
-        return MatchResult(matched[0], labels[0])
-    return MatchResult(matched, labels)
+        gt_mask = torch.ones((iou.shape[0], iou.shape[2]), dtype=torch.bool, device=iou.device)
+    masked = _masked(iou, gt_mask) if iou.shape[2] else iou
+    match = _match_blocks(lambda: iter([(slice(None), masked)]), tuple(iou.shape), iou.device,
+                          fg_iou, bg_iou, allow_low_quality)
+    return MatchResult(match.matched_gt[0], match.labels[0]) if unbatched else match
+
+
+def iou_blocks(anchor_boxes: Tensor, gt_boxes: Tensor, gt_mask: Tensor, max_elements: int | None = None) -> IouBlocks:
+    """A re-iterable source of masked IoU blocks ``(rows, [B, n, M])`` of ``anchor_boxes [N, 4]`` (or
+    per-image boxes ``[B, N, 4]``) against ``gt_boxes [B, M, 4]``, each at most ``max_elements``
+    (default `MAX_IOU_ELEMENTS`, read at call time)."""
+    max_elements = MAX_IOU_ELEMENTS if max_elements is None else max_elements
+    num_images, num_slots = gt_mask.shape
+    num_anchors = anchor_boxes.shape[-2]
+    rows_per_block = max(1, max_elements // max(1, num_images * num_slots))
+    batched = anchor_boxes.ndim == 3
+
+    def blocks() -> Iterator[tuple[slice, Tensor]]:
+        for start in range(0, num_anchors, rows_per_block):
+            rows = slice(start, min(start + rows_per_block, num_anchors))
+            # (n, 4) -> (1, n, 4): box_iou broadcasts the leading dim, one [B, n, M] block for the batch.
+            block = anchor_boxes[:, rows] if batched else anchor_boxes[rows][None]
+            yield rows, _masked(box_iou(block.float(), gt_boxes.float()), gt_mask)
+
+    return blocks
+
+
+def best_iou_with_gt(boxes: Tensor, gt_boxes: Tensor, gt_mask: Tensor, max_elements: int | None = None) -> Tensor:
+    """Each box's best IoU with a real GT box of its image: ``boxes [B, N, 4]`` -> ``[B, N]`` (-1
+    without any), computed in blocks like the matcher's (YOLO's ignore rule on decoded boxes)."""
+    best = torch.full(boxes.shape[:2], -1.0, device=boxes.device)
+    if gt_mask.shape[1]:
+        for rows, iou in iou_blocks(boxes, gt_boxes, gt_mask, max_elements)():
+            best[:, rows] = iou.amax(dim=2)
+    return best
 
 
 class IoUMatcher:
@@ -280,9 +332,9 @@ class IoUMatcher:
                 f"{tuple(gt_boxes.shape)} and {tuple(gt_mask.shape)}"
             )
         anchor_boxes = anchors.boxes
-        # (N, 4) -> (1, N, 4): box_iou broadcasts the leading dim, one [B, N, M] matrix for the batch.
-        iou = box_iou(anchor_boxes.float()[None], gt_boxes.float())
-        match = match_iou_matrix(iou, gt_mask, self.fg_iou, self.bg_iou, self.allow_low_quality)
+        shape = (gt_boxes.shape[0], anchor_boxes.shape[0], gt_boxes.shape[1])
+        match = _match_blocks(iou_blocks(anchor_boxes, gt_boxes, gt_mask), shape, anchor_boxes.device,
+                              self.fg_iou, self.bg_iou, self.allow_low_quality)
         if not self.ignore_cross_boundary:
             return match
         height, width = anchors.input_size

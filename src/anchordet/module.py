@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from pathlib import Path
 
 import lightning as L
 import torch
@@ -21,6 +20,8 @@ from torch.optim.lr_scheduler import LambdaLR
 from anchordet.data.categories import CategoryMap
 from anchordet.data.transforms import to_original_frame
 from anchordet.evaluation import (
+    BACKENDS,
+    DEFAULT_BACKEND,
     evaluate_detections,
     evaluate_proposals,
     format_per_class_table,
@@ -75,6 +76,11 @@ class DetectionModule(L.LightningModule):
             rebuild the model without the user retyping overrides.
         anchor_report: the anchor builder's report (fitness against the training boxes), which the
             anchor picture callback writes to TensorBoard; None after a resume.
+        eval_backend: "faster_coco_eval" (default) or "pycocotools" (see `anchordet.evaluation`).
+        compile: None, or keyword arguments of ``torch.compile`` (e.g. ``{"mode": "max-autotune"}``):
+            the backbone and the head are compiled in place (``nn.Module.compile``, so checkpoint
+            keys do not change) when Lightning sets the model up; matching and postprocessing stay
+            eager, their shapes change with every batch.
     """
 
     def __init__(
@@ -87,8 +93,14 @@ class DetectionModule(L.LightningModule):
         channels_last: bool = True,
         run_config: dict | None = None,
         anchor_report: dict | None = None,
+        eval_backend: str = DEFAULT_BACKEND,
+        compile: dict | None = None,
     ) -> None:
         super().__init__()
+        self.compile_options = None if compile is None else dict(compile)
+        if eval_backend not in BACKENDS:
+            raise ValueError(f"evaluation.backend={eval_backend!r}: use one of {BACKENDS}")
+        self.eval_backend = eval_backend
         self.detector = detector
         self.category_map = category_map
         self.val_annotation_file = val_annotation_file
@@ -101,8 +113,15 @@ class DetectionModule(L.LightningModule):
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255, persistent=False)
         self._val_results: list[dict] = []
         self._val_image_ids: list[int] = []
+        self.last_losses: dict[str, torch.Tensor] = {}
         if channels_last:
             self.detector.to(memory_format=torch.channels_last)
+
+    def configure_model(self) -> None:
+        if self.compile_options is not None and not getattr(self, "_compiled", False):
+            self.detector.backbone.compile(**self.compile_options)
+            self.detector.head.compile(**self.compile_options)
+            self._compiled = True
 
     @property
     def task(self) -> str:
@@ -122,6 +141,8 @@ class DetectionModule(L.LightningModule):
     def training_step(self, batch, batch_idx: int):
         images, targets = batch
         losses = self.detector.loss(images, targets)
+        # For the non-finite guard (anchordet.guard), which looks at them before the optimiser step.
+        self.last_losses = {k: v.detach() for k, v in losses.items()}
         self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()},
                       prog_bar=False, on_step=True, on_epoch=True, batch_size=images.shape[0])
         self.log("train/loss_total", losses["loss"].detach(), prog_bar=True, batch_size=images.shape[0])
@@ -155,9 +176,9 @@ class DetectionModule(L.LightningModule):
 
     def compute_metrics(self, results: list[dict], image_ids: list[int]) -> dict[str, float]:
         if self.task == PROPOSALS:
-            evaluation = evaluate_proposals(self.val_annotation_file, results, image_ids)
+            evaluation = evaluate_proposals(self.val_annotation_file, results, image_ids, backend=self.eval_backend)
         else:
-            evaluation = evaluate_detections(self.val_annotation_file, results, image_ids)
+            evaluation = evaluate_detections(self.val_annotation_file, results, image_ids, backend=self.eval_backend)
             self.last_per_class_table = format_per_class_table(evaluation.per_class_ap)
         self.last_evaluation = evaluation
         return evaluation.metrics
@@ -193,21 +214,3 @@ class DetectionModule(L.LightningModule):
             "anchor_shapes_per_level": [s.cpu().tolist() for s in self.detector.anchor_shapes_per_level],
             "anchor_offset": self.detector.anchor_offset,
         }
-
-
-def read_checkpoint(path: str | Path) -> dict:
-    """Load a checkpoint file written by this module, with an error that says what is wrong."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"ckpt_path={str(path)!r}: no such checkpoint file. Pass the path of a .ckpt written by "
-            "train.py, e.g. outputs/runs/<date>/<time>/checkpoints/last.ckpt")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # torch raises several types for corrupt files
-        raise ValueError(f"ckpt_path={str(path)!r} could not be read as a PyTorch checkpoint: {error}") from error
-    if not isinstance(checkpoint, dict) or "anchordet" not in checkpoint or "state_dict" not in checkpoint:
-        raise ValueError(
-            f"ckpt_path={str(path)!r} is not an anchordet checkpoint (no 'anchordet' section): it was "
-            "not written by train.py of this project")
-    return checkpoint

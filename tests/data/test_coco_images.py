@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
 import numpy as np
 import pytest
@@ -98,24 +99,49 @@ def test_exif_image_with_stored_size_in_json_is_an_error(tmp_path):
         dataset[0]
 
 
-def test_crowd_kept_out_degenerate_dropped_and_counted_in_one_log_line(tiny_coco, caplog):
+FIXED_BOXES = [
+    {"id": 20, "image_id": 1, "category_id": 2, "bbox": [5, 5, 30, 30], "iscrowd": 1},
+    {"id": 21, "image_id": 1, "category_id": 2, "bbox": [5, 5, 0.5, 30], "iscrowd": 0},
+    # 10 px wide in the JSON, but the image is 80 wide: clipped to 0.5 px, then too small
+    {"id": 22, "image_id": 1, "category_id": 2, "bbox": [79.5, 5, 10, 10], "iscrowd": 0},
+    {"id": 23, "image_id": 2, "category_id": 5, "bbox": [5, 5, 20, -3], "iscrowd": 0},
+    # 3/4 outside the image (x 60..100 of 80 wide): clipped by 20 px, kept
+    {"id": 24, "image_id": 1, "category_id": 2, "bbox": [60, 10, 40, 10], "iscrowd": 0},
+    # wholly outside (x 90..100): dropped
+    {"id": 25, "image_id": 1, "category_id": 2, "bbox": [90, 10, 10, 10], "iscrowd": 0},
+]
+
+
+def test_every_box_fix_is_reported_with_its_annotation_ids(tiny_coco, caplog):
     data = tiny_coco.copy_data()
-    data["annotations"] += [
-        {"id": 20, "image_id": 1, "category_id": 2, "bbox": [5, 5, 30, 30], "iscrowd": 1},
-        {"id": 21, "image_id": 1, "category_id": 2, "bbox": [5, 5, 0.5, 30], "iscrowd": 0},
-        # 10 px wide in the JSON, but the image is 80 wide: clipped to 0.5 px
-        {"id": 22, "image_id": 1, "category_id": 2, "bbox": [79.5, 5, 10, 10], "iscrowd": 0},
-        {"id": 23, "image_id": 2, "category_id": 5, "bbox": [5, 5, 20, -3], "iscrowd": 0},
-    ]
+    data["annotations"] += FIXED_BOXES
     with caplog.at_level(logging.INFO, logger="anchordet.data"):
         dataset = CocoDetectionDataset(tiny_coco.images_dir, tiny_coco.write(data), 80, train=False)
-    records = [r for r in caplog.records if r.name == "anchordet.data"]
-    assert len(records) == 1
-    message = records[0].getMessage()
-    assert "1 crowd" in message and "3 degenerate" in message and "7 annotations -> 3 boxes" in message
-    assert "(1 without objects, kept)" in message
-    assert dataset.index.num_crowd == 1 and dataset.index.num_degenerate == 3
-    assert [len(dataset[i][1]["boxes"]) for i in range(3)] == [2, 1, 0]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "anchordet.data" and r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    message = warnings[0]
+    assert "1 boxes with a negative width or height dropped (annotation ids 23)" in message
+    assert "1 boxes wholly outside their image dropped (annotation ids 25)" in message
+    assert "2 boxes of 1 px or less after clipping dropped (annotation ids 21, 22)" in message
+    assert "1 boxes clipped to their image (by up to 20.0 px) (annotation ids 24)" in message
+    info = [r.getMessage() for r in caplog.records if r.name == "anchordet.data" and r.levelno == logging.INFO]
+    assert len(info) == 1
+    assert "1 crowd" in info[0] and "4 boxes dropped" in info[0] and "9 annotations -> 4 boxes" in info[0]
+    assert "(1 without objects, kept)" in info[0]
+    assert dataset.index.num_crowd == 1 and dataset.index.num_dropped == 4
+    assert [len(dataset[i][1]["boxes"]) for i in range(3)] == [3, 1, 0]
+    # The clipped box is cut at the image border (80 px wide, letterboxed at scale 1).
+    boxes = dataset[0][1]["boxes"]
+    assert boxes[:, 2].max().item() == pytest.approx(80.0)
+
+
+def test_strict_data_turns_the_first_fix_into_an_error_naming_file_and_ids(tiny_coco):
+    data = tiny_coco.copy_data()
+    data["annotations"] += FIXED_BOXES[4:5]  # one clipped box is enough
+    path = tiny_coco.write(data)
+    with pytest.raises(DatasetError, match=rf"{re.escape(str(path))}: data.strict=true and 1 boxes clipped.*ids 24"):
+        CocoDetectionDataset(tiny_coco.images_dir, path, 80, train=False, strict=True)
+    CocoDetectionDataset(tiny_coco.images_dir, tiny_coco.write(), 80, train=False, strict=True)  # clean: fine
 
 
 def test_image_without_annotations_is_kept_with_empty_targets(tiny_coco):

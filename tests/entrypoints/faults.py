@@ -20,3 +20,30 @@ class KillAtStep(L.Callback):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module, batch, batch_idx: int) -> None:
         if trainer.global_step == self.step:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class NanLossOnRank(L.Callback):
+    """Turn the images of one batch on one rank into NaN (so its loss is NaN), at optimiser step
+    ``step``: the other ranks see finite losses and must still stop, not wait."""
+
+    def __init__(self, rank: int, step: int) -> None:
+        self.rank, self.step = int(rank), int(step)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module, batch, batch_idx: int) -> None:
+        if trainer.global_rank == self.rank and trainer.global_step == self.step:
+            batch[0].fill_(float("nan"))
+
+
+class FillDisk(L.Callback):
+    """Make every checkpoint write fail as on a full disk, after part of the file was written."""
+
+    def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
+        import errno
+
+        import anchordet.checkpointing as checkpointing
+
+        def disk_full(obj, handle) -> None:
+            handle.write(b"\0" * 65536)
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        checkpointing.torch.save = disk_full

@@ -111,6 +111,14 @@ def test_every_preset_composes(hydra_context, tmp_path, group):
         assert cfg.trainer.max_epochs >= 1 and cfg.monitor.startswith("val/")
 
 
+@pytest.mark.parametrize("data", options("data"))
+@pytest.mark.parametrize("preset", [f"experiment={o}" for o in options("experiment")] + [f"debug={o}" for o in options("debug")])
+def test_presets_compose_with_every_data_choice(hydra_context, tmp_path, preset, data):
+    cfg = compose_train(tmp_path, preset, f"data={data}")
+    datamodule = instantiate(cfg.data)  # no preset key the chosen data module does not take
+    assert isinstance(datamodule, L.LightningDataModule)
+
+
 # ------------------------------------------------------------------ head x matcher x anchor
 # The levels an anchor config is written for, where it is fixed: a head that uses other levels refuses.
 ANCHOR_LEVELS = {"grid": 3, "rpn_grid": 5}

@@ -66,6 +66,10 @@ def test_explicit_choices_win_over_what_head_rpn_brings(hydra_context):
     assert cfg.anchor.k == 10 and list(cfg.backbone.levels) == ["P3", "P4", "P5", "P6"]
     assert cfg.matcher.fg_iou == 0.6 and cfg.monitor == "val/AR@100"
     assert compose_train("head=rpn", "anchor=grid").anchor.sizes_per_level[0] == [32, 40, 51]
+    # Group choices on the command line beat the head's defaults overrides too.
+    cfg = compose_train("head=rpn", "matcher=yolo", "backbone/levels=p3_p5", "metric=map")
+    assert cfg.matcher._target_.endswith("YoloMatcher") and list(cfg.backbone.levels) == ["P3", "P4", "P5"]
+    assert cfg.monitor == "val/mAP"
 
 
 def test_head_yolo_is_unchanged_and_kmeans_still_gives_9_anchors(hydra_context):

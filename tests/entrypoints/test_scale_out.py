@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import json
-import signal
 from pathlib import Path
 
 import pytest
@@ -134,21 +133,3 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(run_cli, tmp_path
     # Logging continued in the same TensorBoard run folder.
     assert len(list((first / "tensorboard").glob("events.out.tfevents.*"))) == 2
     assert not (resumed_log_dir / "tensorboard").exists(), result.stdout[-500:]
-
-
-def test_killed_mid_epoch_resumes_from_the_step_checkpoint(run_cli, tmp_path):
-    run_dir = tmp_path / "run"
-    common = ("experiment=tiny", "data.num_train=32", "trainer.max_epochs=1",
-              "callbacks.step_checkpoint.every_n_train_steps=2", f"hydra.run.dir={run_dir}")
-    # SIGKILL right after step 5 (faults.KillAtStep): the last step checkpoint is that of step 4.
-    killed = run_cli("train.py", *common, "+callbacks.kill._target_=faults.KillAtStep", "+callbacks.kill.step=5",
-                     cwd=tmp_path, check=False)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    step_checkpoints = list((run_dir / "checkpoints").glob("step-*.ckpt"))
-    assert len(step_checkpoints) == 1  # only the newest is kept
-    assert checkpoint_state(step_checkpoints[0])["global_step"] == 4
-    assert not (run_dir / "checkpoints" / "last.ckpt").exists()
-
-    run_cli("train.py", *common, "resume=true", cwd=tmp_path)
-    final = checkpoint_state(run_dir / "checkpoints" / "last.ckpt")
-    assert final["global_step"] == 8 and final["epoch"] == 0  # 32 images / batch 4 = 8 steps in the epoch

@@ -115,8 +115,7 @@ def test_evaluate_rejects_data_with_other_classes(run_cli, trained_run, tmp_path
     other.write_text(json.dumps(data))
     result = run_cli(
         "evaluate.py", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
-        "+data._target_=anchordet.data.CocoDataModule", f"+data.train_images={tmp_path / 'images'}",
-        f"+data.train_annotations={other}", f"+data.val_images={tmp_path / 'images'}",
-        f"+data.val_annotations={other}", f"hydra.run.dir={tmp_path / 'out'}", cwd=workdir, check=False)
+        f"data.val_images={tmp_path / 'images'}", f"data.val_annotations={other}",
+        f"hydra.run.dir={tmp_path / 'out'}", cwd=workdir, check=False)
     assert result.returncode != 0
     assert "disagree with the checkpoint" in result.stderr

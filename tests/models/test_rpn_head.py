@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-from torch import nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 

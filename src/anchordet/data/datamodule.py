@@ -16,11 +16,11 @@ from pathlib import Path
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from anchordet.data.categories import CategoryMap
-from anchordet.data.coco import CocoDetectionDataset, DatasetError
-from anchordet.data.sampling import EpochShuffleSampler
+from anchordet.data.coco import BAD_IMAGE_ACTIONS, CocoDetectionDataset, DatasetError
+from anchordet.data.sampling import EpochShuffleSampler, ResumableDataLoader
 from anchordet.data.synthetic import generate_synthetic_coco
 from anchordet.data.transforms import DetectionTransform
 
@@ -37,10 +37,12 @@ def collate(batch: Sequence[tuple[Tensor, dict]]) -> tuple[Tensor, list[dict]]:
 
 @dataclass(frozen=True)
 class DataPaths:
-    train_images: Path
-    train_annotations: Path
-    val_images: Path
-    val_annotations: Path
+    """Where the files are; None where neither ``root`` nor an explicit path says."""
+
+    train_images: Path | None
+    train_annotations: Path | None
+    val_images: Path | None
+    val_annotations: Path | None
 
 
 class CocoDataModule(L.LightningDataModule):
@@ -50,6 +52,11 @@ class CocoDataModule(L.LightningDataModule):
     and the same for ``val2017``; ``train_images`` / ``train_annotations`` / ``val_images`` /
     ``val_annotations`` override single paths. Labels follow the training file's categories
     (`category_map`); the validation file must list the same categories.
+
+    Data checks (see `CocoDetectionDataset`): ``strict`` makes every box the index would clip or
+    drop an error; ``verify_images`` checks every image before training (cached in
+    ``verify_cache_dir``, ``verify_workers`` processes, default: the CPU count); ``on_bad_image``
+    is "error" (stop with the list) or "skip" (train without them).
     """
 
     def __init__(self, root: str | os.PathLike | None = None,
@@ -59,8 +66,13 @@ class CocoDataModule(L.LightningDataModule):
                  val_annotations: str | os.PathLike | None = None,
                  image_size: int = 512, batch_size: int = 8, num_workers: int = 2,
                  hflip_prob: float = 0.5, scale_range: Sequence[float] = (0.5, 1.5),
-                 shuffle_seed: int = 0) -> None:
+                 shuffle_seed: int = 0, strict: bool = False, verify_images: bool = False,
+                 on_bad_image: str = "error", verify_cache_dir: str | os.PathLike | None = None,
+                 verify_workers: int | None = None, category_map: CategoryMap | None = None) -> None:
         super().__init__()
+        # Given (a checkpoint's classes, for evaluation): the files must list exactly these, and no
+        # training files are needed.
+        self._given_category_map = category_map
         if int(batch_size) < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
         if int(num_workers) < 0:
@@ -73,6 +85,11 @@ class CocoDataModule(L.LightningDataModule):
         self.num_workers = int(num_workers)
         self.hflip_prob, self.scale_range = float(hflip_prob), tuple(float(v) for v in scale_range)
         self.shuffle_seed = int(shuffle_seed)
+        if on_bad_image not in BAD_IMAGE_ACTIONS:
+            raise ValueError(f"data.on_bad_image={on_bad_image!r}: use one of {BAD_IMAGE_ACTIONS}")
+        workers = (os.cpu_count() or 1) if verify_workers is None else int(verify_workers)
+        self.checks = {"strict": bool(strict), "verify_images": bool(verify_images), "on_bad_image": on_bad_image,
+                       "verify_cache_dir": verify_cache_dir, "verify_workers": workers}
         self._train_dataset: CocoDetectionDataset | None = None
         self._val_dataset: CocoDetectionDataset | None = None
 
@@ -85,52 +102,54 @@ class CocoDataModule(L.LightningDataModule):
                          "train_annotations": self.root / "annotations" / "instances_train2017.json",
                          "val_images": self.root / "val2017",
                          "val_annotations": self.root / "annotations" / "instances_val2017.json"}
-        resolved = {}
-        for key, explicit in self._explicit_paths.items():
-            if explicit is None and key not in from_root:
-                raise DatasetError(f"no path for data.{key}: set data.root to a folder in the COCO "
-                                   f"2017 layout or give data.{key} explicitly")
-            resolved[key] = Path(explicit) if explicit is not None else from_root[key]
-        return DataPaths(**resolved)
+        return DataPaths(**{key: Path(explicit) if explicit is not None else from_root.get(key)
+                            for key, explicit in self._explicit_paths.items()})
+
+    def _path(self, key: str) -> Path:
+        path = getattr(self._data_paths(), key)
+        if path is None:
+            raise DatasetError(f"no path for data.{key}: set data.root to a folder in the COCO "
+                               f"2017 layout or give data.{key} explicitly")
+        return path
 
     @property
     def train_annotation_file(self) -> Path:
-        return self._data_paths().train_annotations
+        return self._path("train_annotations")
 
     @property
     def val_annotation_file(self) -> Path:
         """The JSON that COCO evaluation scores validation predictions against."""
-        return self._data_paths().val_annotations
+        return self._path("val_annotations")
 
     # ------------------------------------------------------------------ datasets
     @property
     def train_dataset(self) -> CocoDetectionDataset:
         if self._train_dataset is None:
-            paths = self._data_paths()
             self._train_dataset = CocoDetectionDataset(
-                paths.train_images, paths.train_annotations, self.image_size, train=True,
-                hflip_prob=self.hflip_prob, scale_range=self.scale_range, seed=self.shuffle_seed)
+                self._path("train_images"), self._path("train_annotations"), self.image_size, train=True,
+                category_map=self._given_category_map, hflip_prob=self.hflip_prob, scale_range=self.scale_range,
+                seed=self.shuffle_seed, **self.checks)
         return self._train_dataset
 
     @property
     def val_dataset(self) -> CocoDetectionDataset:
         if self._val_dataset is None:
-            paths = self._data_paths()
-            dataset = CocoDetectionDataset(paths.val_images, paths.val_annotations, self.image_size,
-                                           train=False)
+            val_annotations = self._path("val_annotations")
+            dataset = CocoDetectionDataset(self._path("val_images"), val_annotations, self.image_size,
+                                           train=False, category_map=self._given_category_map, **self.checks)
             if dataset.category_map != self.category_map:
                 difference = dataset.category_map.describe_difference(self.category_map, ("val", "train"))
                 raise DatasetError(
-                    f"the categories of {paths.val_annotations} differ from those of the training "
-                    f"annotations {paths.train_annotations} ({difference}); labels would mean "
+                    f"the categories of {val_annotations} differ from those of the training "
+                    f"annotations {self.train_annotation_file} ({difference}); labels would mean "
                     "different classes: use annotation files with the same category list")
             self._val_dataset = dataset
         return self._val_dataset
 
     @property
     def category_map(self) -> CategoryMap:
-        """COCO category ids <-> labels, from the training annotation file."""
-        return self.train_dataset.category_map
+        """COCO category ids <-> labels: the given map, else the training annotation file's."""
+        return self._given_category_map or self.train_dataset.category_map
 
     @property
     def num_classes(self) -> int:
@@ -148,19 +167,42 @@ class CocoDataModule(L.LightningDataModule):
         self.val_dataset  # noqa: B018
 
     def train_dataloader(self) -> DataLoader:
-        # Order and augmentation depend on (shuffle_seed, epoch) only: see data/sampling.py.
-        sampler = EpochShuffleSampler(len(self.train_dataset), self.shuffle_seed, self._current_epoch)
-        return self._loader(self.train_dataset, shuffle=False, sampler=sampler)
+        # Order and augmentation depend on (shuffle_seed, epoch) only, and the position in the epoch
+        # goes into checkpoints: see data/sampling.py.
+        sampler = EpochShuffleSampler(len(self.train_dataset), self.shuffle_seed, self._current_epoch,
+                                      samples_done=self._samples_done, rank=self._rank, world_size=self._world_size)
+        return self._loader(self.train_dataset, sampler=sampler, loader_class=ResumableDataLoader)
 
+    # What the training sampler reads from the trainer (nothing without one: epoch 0, one process).
     def _current_epoch(self) -> int:
         return int(self.trainer.current_epoch) if self.trainer is not None else 0
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_dataset, shuffle=False)
+    def _samples_done(self) -> int:
+        """Samples of the current epoch this rank has trained on: Lightning's count of processed
+        batches (a batch whose step was applied), the count its own restart logic trusts."""
+        if self.trainer is None:
+            return 0
+        return int(self.trainer.fit_loop.epoch_loop.batch_progress.current.processed) * self.batch_size
 
-    def _loader(self, dataset: CocoDetectionDataset, shuffle: bool, sampler=None) -> DataLoader:
-        return DataLoader(
-            dataset, batch_size=self.batch_size, shuffle=shuffle, sampler=sampler, num_workers=self.num_workers,
+    def _rank(self) -> int:
+        return int(self.trainer.global_rank) if self.trainer is not None else 0
+
+    def _world_size(self) -> int:
+        return int(self.trainer.world_size) if self.trainer is not None else 1
+
+    def val_dataloader(self) -> DataLoader:
+        # Under DDP the training config leaves sampling to this module (use_distributed_sampler:
+        # false), so validation shards itself too; padded duplicates are dropped when the results
+        # are gathered (distributed.gather_results).
+        sampler = None
+        if self._world_size() > 1:
+            sampler = DistributedSampler(self.val_dataset, num_replicas=self._world_size(), rank=self._rank(),
+                                         shuffle=False)
+        return self._loader(self.val_dataset, sampler=sampler)
+
+    def _loader(self, dataset: CocoDetectionDataset, sampler=None, loader_class=DataLoader) -> DataLoader:
+        return loader_class(
+            dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
             collate_fn=collate,
             # Pinned host memory only speeds up copies to a GPU; on CPU it only costs memory.
             pin_memory=torch.cuda.is_available(),

@@ -54,10 +54,11 @@ from anchordet.boxes import RcnnDeltaCoder
 from anchordet.matching import BalancedSampler, MatchResult, PaddedTargets
 from anchordet.models.heads.common import (
     PROPOSALS,
+    Candidates,
     anchors_per_level,
     check_level_sizes,
     concat_levels,
-    nms_per_image,
+    select_per_image,
 )
 
 NUM_BOX_OUTPUTS = 4  # dx, dy, dw, dh
@@ -208,22 +209,20 @@ class RpnHead(nn.Module):
         return {"loss_obj": loss_obj, "loss_box": loss_box}
 
     # ------------------------------------------------------------------ inference
-    @torch.no_grad()
-    def postprocess(self, raw_per_level: list[Tensor], anchors) -> list[dict]:
-        """Raw outputs -> per image ``{"boxes" [D,4] xyxy input px, "scores" [D], "labels" [D] int64 zeros}``.
+    @property
+    def max_per_image(self) -> int:
+        """post_nms_top_n of the current mode (train / test: ``Detector.predict`` runs in eval mode)."""
+        return self.post_nms_top_n["train" if self.training else "test"]
 
-        Per level and image the ``pre_nms_top_n`` highest objectness logits are decoded, clipped to
-        ``anchors.input_size`` and freed of boxes smaller than ``min_size``; NMS at ``nms_iou`` runs
-        per image and level (group ``image * L + level``), then the ``post_nms_top_n`` best of each
-        image are kept, sorted by score (sigmoid objectness). The train / test numbers are chosen by
-        ``self.training`` (``Detector.predict`` runs in eval mode, hence test).
-        """
-        mode = "train" if self.training else "test"
-        pre_nms_top_n, post_nms_top_n = self.pre_nms_top_n[mode], self.post_nms_top_n[mode]
+    @torch.no_grad()
+    def candidates(self, raw_per_level: list[Tensor], anchors) -> Candidates:
+        """Per level and image the ``pre_nms_top_n`` highest objectness logits (of the current
+        mode), decoded and clipped to ``anchors.input_size``, fixed-shape ``[B, K]``; ``valid`` =
+        at least ``min_size`` wide and high and scoring at least ``score_thresh``; NMS groups are
+        the levels (levels are kept apart, as in the FPN RPN)."""
+        pre_nms_top_n = self.pre_nms_top_n["train" if self.training else "test"]
         check_level_sizes(raw_per_level, anchors, "RpnHead")
         anchors_per_level = anchors.split_per_level(anchors.boxes)  # list of [Hl*Wl*A, 4]
-        num_levels = len(raw_per_level)
-
         boxes, logits, levels = [], [], []
         for level, (raw, level_anchors) in enumerate(zip(raw_per_level, anchors_per_level)):
             raw = raw.float()  # [B, Nl, 5]
@@ -236,12 +235,13 @@ class RpnHead(nn.Module):
         boxes = clip_boxes_to_image(torch.cat(boxes, dim=1), anchors.input_size)  # [B, K, 4]
         scores = torch.cat(logits, dim=1).sigmoid()  # [B, K]
         levels = torch.cat(levels, dim=1)  # [B, K]
-        batch_size = boxes.shape[0]
-        images = torch.arange(batch_size, device=boxes.device)[:, None].expand_as(levels)  # [B, K]
-
         wh = boxes[..., 2:4] - boxes[..., 0:2]
-        keep = (wh >= self.min_size).all(dim=-1) & (scores >= self.score_thresh)  # [B, K]
-        cand_images, cand_levels = images[keep], levels[keep]  # [Q], [Q]
-        return nms_per_image(boxes[keep], scores[keep], torch.zeros_like(cand_images), cand_images,
-                             groups=cand_images * num_levels + cand_levels, batch_size=batch_size,
-                             nms_iou=self.nms_iou, max_per_image=post_nms_top_n)
+        valid = (wh >= self.min_size).all(dim=-1) & (scores >= self.score_thresh)  # [B, K]
+        return Candidates(boxes, scores, torch.zeros_like(levels), levels, valid, len(raw_per_level))
+
+    @torch.no_grad()
+    def postprocess(self, raw_per_level: list[Tensor], anchors) -> list[dict]:
+        """Raw outputs -> per image ``{"boxes" [D,4] xyxy input px, "scores" [D], "labels" [D] int64 zeros}``:
+        the valid `candidates` through NMS at ``nms_iou`` per image and level, then the
+        ``post_nms_top_n`` best of each image, sorted by score (sigmoid objectness)."""
+        return select_per_image(self.candidates(raw_per_level, anchors), self.nms_iou, self.max_per_image)

@@ -51,7 +51,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import (
-    box_iou,
     clip_boxes_to_image,
     complete_box_iou_loss,
     distance_box_iou_loss,
@@ -59,8 +58,8 @@ from torchvision.ops import (
 )
 
 from anchordet.boxes import YoloBoxCoder
-from anchordet.matching import BACKGROUND, FOREGROUND, IGNORE, MatchResult, PaddedTargets
-from anchordet.models.heads.common import DETECTIONS, anchors_per_level, concat_levels, nms_per_image
+from anchordet.matching import BACKGROUND, FOREGROUND, IGNORE, MatchResult, PaddedTargets, best_iou_with_gt
+from anchordet.models.heads.common import DETECTIONS, Candidates, anchors_per_level, concat_levels, select_per_image
 
 BOX_LOSSES = ("giou", "diou", "ciou", "l1")
 IOU_BOX_LOSSES = {
@@ -214,10 +213,7 @@ class YoloHead(nn.Module):
     @torch.no_grad()
     def _roles(self, pred_boxes: Tensor, gt: PaddedTargets, match: MatchResult) -> MatchResult:
         """The matcher's roles plus the ignore rule, from decoded boxes [B, N, 4] (no gradient)."""
-        if gt.boxes.shape[1] == 0:
-            return match
-        iou = box_iou(pred_boxes, gt.boxes.float())  # [B, N, M]
-        best_iou = iou.masked_fill(~gt.mask[:, None, :], 0.0).amax(dim=2)  # [B, N]; padding never counts
+        best_iou = best_iou_with_gt(pred_boxes, gt.boxes, gt.mask)  # [B, N]; padding never counts
         ignored = (match.labels == BACKGROUND) & (best_iou > self.ignore_iou)
         return MatchResult(match.matched_gt, match.labels.masked_fill(ignored, IGNORE))
 
@@ -289,15 +285,13 @@ class YoloHead(nn.Module):
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
-    def postprocess(self, raw_per_level: list[Tensor], anchors) -> list[dict]:
-        """Raw outputs -> per image ``{"boxes" [D,4] xyxy input px, "scores" [D], "labels" [D] int64}``.
+    def candidates(self, raw_per_level: list[Tensor], anchors) -> Candidates:
+        """The ``topk_pre_nms`` best (anchor, class) pairs per image, fixed-shape ``[B, k]``.
 
-        Score of class c = sigmoid(obj) * sigmoid(cls_c). The top ``topk_pre_nms`` (anchor, class)
-        pairs above ``score_thresh`` per image go through class-wise NMS; at most
-        ``max_detections`` survive, sorted by score. Boxes are clipped to ``anchors.input_size``.
+        Score of class c = sigmoid(obj) * sigmoid(cls_c); boxes decoded and clipped to
+        ``anchors.input_size``; ``valid`` = above ``score_thresh``; NMS groups are the classes.
         """
         raw = concat_levels(raw_per_level, anchors, "YoloHead")  # [B, N, K]
-        batch_size = raw.shape[0]
         boxes = clip_boxes_to_image(self._decode(raw, anchors), anchors.input_size)  # [B, N, 4]
         scores = raw[..., OBJECTNESS_INDEX:CLASS_OFFSET].sigmoid() * raw[..., CLASS_OFFSET:].sigmoid()
         # (B, N, C) -> (B, N*C): candidate n*C + c is anchor n with class c.
@@ -307,10 +301,16 @@ class YoloHead(nn.Module):
         anchor_index = top_index // self.num_classes
         top_labels = top_index % self.num_classes
         top_boxes = boxes.gather(1, anchor_index[..., None].expand(-1, -1, 4))  # [B, k, 4]
-        image_index = torch.arange(batch_size, device=raw.device)[:, None].expand(-1, k)
+        return Candidates(top_boxes, top_scores, top_labels, top_labels, top_scores > self.score_thresh,
+                          self.num_classes)
 
-        keep = top_scores > self.score_thresh  # [B, k]
-        cand_images, cand_labels = image_index[keep], top_labels[keep]  # [Q], [Q]
-        return nms_per_image(top_boxes[keep], top_scores[keep], cand_labels, cand_images,
-                             groups=cand_images * self.num_classes + cand_labels, batch_size=batch_size,
-                             nms_iou=self.nms_iou, max_per_image=self.max_detections)
+    @property
+    def max_per_image(self) -> int:
+        return self.max_detections
+
+    @torch.no_grad()
+    def postprocess(self, raw_per_level: list[Tensor], anchors) -> list[dict]:
+        """Raw outputs -> per image ``{"boxes" [D,4] xyxy input px, "scores" [D], "labels" [D] int64}``:
+        the valid `candidates` through class-wise NMS at ``nms_iou``, at most ``max_detections``
+        per image, sorted by score."""
+        return select_per_image(self.candidates(raw_per_level, anchors), self.nms_iou, self.max_per_image)
