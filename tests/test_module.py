@@ -3,6 +3,7 @@ partial with its no-decay group, and the compile option."""
 
 import math
 
+import lightning as L
 import pytest
 import torch
 
@@ -11,7 +12,7 @@ from anchordet.matching import YoloMatcher
 from anchordet.models.backbone import ResNetFPN
 from anchordet.models.detector import Detector
 from anchordet.models.heads.yolo import YoloHead
-from anchordet.module import DetectionModule, warmup_cosine
+from anchordet.module import DetectionModule, planned_optimizer_steps, warmup_cosine
 
 
 def lr_factors(total_steps, **kwargs):
@@ -33,6 +34,28 @@ def test_warmup_then_cosine_by_hand():
     assert f[100] == pytest.approx(0.2)
     # A short run caps the warm-up at a third of it.
     assert lr_factors(9, warmup_steps=100, warmup_start_factor=0.0)[3] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("settings", [
+    {"max_epochs": 3}, {"max_epochs": 2, "limit_train_batches": 5, "accumulate_grad_batches": 2},
+    {"max_steps": 7}, {"max_epochs": 4, "max_steps": 9, "limit_train_batches": 0.5, "accumulate_grad_batches": 3}])
+def test_planned_steps_count_as_lightning_does_without_building_the_fit_loops_loader(tmp_path, settings):
+    from lightning.pytorch.demos.boring_classes import BoringDataModule, BoringModel
+
+    seen = {}
+
+    class Recorder(BoringModel):
+        def configure_optimizers(self):
+            seen["ours"] = planned_optimizer_steps(self.trainer)
+            # Not built yet: a resumed run can still restore the loader's position into it.
+            seen["loader_untouched"] = self.trainer.train_dataloader is None
+            seen["lightning"] = self.trainer.estimated_stepping_batches
+            return super().configure_optimizers()
+
+    trainer = L.Trainer(default_root_dir=tmp_path, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, **settings)
+    trainer.fit(Recorder(), datamodule=BoringDataModule())
+    assert seen["loader_untouched"] and seen["ours"] == seen["lightning"], seen
 
 
 def tiny_module(**kwargs):

@@ -40,6 +40,23 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def planned_optimizer_steps(trainer: L.Trainer) -> float:
+    """How many optimiser steps the run will take, as `trainer.estimated_stepping_batches` counts
+    them, but without building the fit loop's training loader. Lightning's property builds it when
+    asked from `configure_optimizers`, which runs before a resumed run's loader position is restored;
+    the fit loop then keeps that loader and never restores its position (Lightning issue #20550), so
+    a mid-epoch resume would replay the epoch from its first batch. A loader of our own, only asked
+    for its length, leaves the fit loop's untouched."""
+    datamodule = trainer.datamodule
+    if datamodule is None or trainer.max_epochs == -1:
+        return trainer.estimated_stepping_batches
+    batches = len(datamodule.train_dataloader())  # per process: the sampler shards by rank
+    limit = trainer.limit_train_batches
+    batches = min(batches, limit) if isinstance(limit, int) else int(batches * limit)
+    total = math.ceil(batches / trainer.accumulate_grad_batches) * max(trainer.max_epochs, 1)
+    return min(total, trainer.max_steps) if trainer.max_steps != -1 else total
+
+
 def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 100,
                   warmup_start_factor: float = 0.001, min_lr_factor: float = 0.05) -> LambdaLR:
     """Linear warm-up (Goyal et al. 2017) then cosine decay to ``min_lr_factor`` (the SGDR shape),
@@ -200,7 +217,7 @@ class DetectionModule(L.LightningModule):
             raise ValueError("DetectionModule was built without an optimizer; pass optimizer=... "
                              "(train.py takes it from the optim config group)")
         optimizer = self.optimizer_factory(self.parameter_groups())
-        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
+        total_steps = max(1, int(planned_optimizer_steps(self.trainer)))
         scheduler = self.scheduler_factory(optimizer, total_steps=total_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
