@@ -1,6 +1,6 @@
 """Evaluate a trained checkpoint: `python evaluate.py ckpt_path=outputs/runs/.../checkpoints/last.ckpt`.
 
-`anchordet.app.evaluate` rebuilds the model from the config, anchors and class mapping stored in the
+`anchordet.trained.evaluate` rebuilds the model from the config, anchors and class mapping stored in the
 checkpoint (no training override needs retyping), writes `detections.json` (or `proposals.json` for
 an RPN) and `metrics.json`, and prints pycocotools' summary and a per-class AP table.
 """
@@ -8,7 +8,7 @@ an RPN) and `metrics.json`, and prints pycocotools' summary and a per-class AP t
 import hydra
 from omegaconf import DictConfig
 
-from anchordet.app import evaluate
+from anchordet.trained import evaluate
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")

@@ -1,14 +1,14 @@
-"""Hydra configs in, trained or evaluated detectors out: the one module of anchordet that imports Hydra.
+"""Hydra configs in, trained detectors out (with `anchordet.trained`, the only modules that import Hydra).
 
-`train.py` and `evaluate.py` compose their config and call `train(cfg)` or `evaluate(cfg)`; everything
-between a composed config and the library's plain-argument classes lives here:
+`train.py` composes its config and calls `train(cfg)`; everything between a composed training config
+and the library's plain-argument classes lives here (commands on a trained checkpoint, `evaluate`,
+`predict` and `export`, live in `anchordet.trained` and build on these parts):
 
 - building the parts (`build_detector`, `fit_anchors`, `anchors_from_checkpoint`) and checking that
   the chosen `monitor` is a metric the chosen head logs;
 - run mechanics: which checkpoint to resume (`resolve_resume`), how Lightning's DDP launcher re-runs
   the script inside a Hydra job (`prepare_ddp`), the precision `auto` stands for, `result.json`;
-- evaluation of a checkpoint: rebuilding the model from the config it saved, inference-time head
-  settings, results files and overlay pictures.
+- `user_errors`: config and data mistakes shown as one line naming the key or file.
 """
 
 from __future__ import annotations
@@ -30,25 +30,24 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from anchordet.assembly import assemble_detector
 from anchordet.checkpointing import CheckpointWriteError, NonFiniteWeightsError, read_checkpoint
-from anchordet.data import CocoDataModule, DatasetError, collate
+from anchordet.data import DatasetError
 from anchordet.data.categories import CategoryMap
 from anchordet.distributed import distributed_job_scope
-from anchordet.evaluation import METRICS_OF_TASK, format_per_class_table, write_results
-from anchordet.hparams import HParamsSession, flatten_hyperparameters, run_outcome
-from anchordet.inference import find_images, write_predictions
-from anchordet.models.detector import Detector
-from anchordet.models.heads.common import DETECTIONS
+from anchordet.errors import ConfigError
+from anchordet.evaluation import METRICS_OF_TASK
 from anchordet.guard import NonFiniteError
+from anchordet.hparams import HParamsSession, flatten_hyperparameters, run_outcome
+from anchordet.models.detector import Detector
 from anchordet.module import DetectionModule
 from anchordet.sweep import write_run_result
-from anchordet.viz import write_prediction_overlays
 
 log = logging.getLogger("anchordet.app")
 # What Lightning's SLURM auto-requeue saves in the run folder (default_root_dir) before requeueing.
 HPC_CHECKPOINT = re.compile(r"hpc_ckpt_(\d+)\.ckpt")
 # Errors whose message says all a user needs (the file, the step, what to change): shown as one
 # line, without the traceback through Lightning that would bury it.
-USER_ERRORS = (DatasetError, CheckpointWriteError, NonFiniteError, NonFiniteWeightsError)
+USER_ERRORS = (ConfigError, DatasetError, FileNotFoundError, CheckpointWriteError, NonFiniteError,
+               NonFiniteWeightsError)
 
 
 @contextlib.contextmanager
@@ -240,158 +239,3 @@ def report_result(cfg: DictConfig, trainer: L.Trainer) -> float | None:
         write_run_result(cfg.paths.output_dir, overrides, cfg.monitor, best, best_path, last_path)
         log.info("best %s = %s (%s)", cfg.monitor, best, best_path)
     return best
-
-
-# ---------------------------------------------------------------------------- evaluation
-def override_head(run_cfg: DictConfig, head_overrides: DictConfig | dict | None) -> None:
-    """Apply inference-time head settings (e.g. the RPN's ``nms_iou``) to the saved run config.
-
-    Only keys the saved head config already has are accepted: a typo must not be ignored silently.
-    The weights do not depend on these settings, so they load unchanged.
-    """
-    for key, value in OmegaConf.to_container(OmegaConf.create(head_overrides or {})).items():
-        if key not in run_cfg.head or key.startswith("_"):
-            raise ValueError(
-                f"head.{key}: the checkpoint's head config has no such setting; choose one of "
-                f"{sorted(k for k in run_cfg.head if not k.startswith('_'))}")
-        run_cfg.head[key] = value
-
-
-def rebuild_module(checkpoint: dict, head_overrides: DictConfig | dict | None = None,
-                   eval_backend: str = "faster_coco_eval", val_annotation_file: str | None = None) -> DetectionModule:
-    """The trained module of a checkpoint written by `train` (config, anchors, classes and weights
-    all from the checkpoint), with inference-time head settings applied."""
-    saved = checkpoint["anchordet"]
-    run_cfg = OmegaConf.create(saved["run_config"])
-    override_head(run_cfg, head_overrides)
-    trained_map = CategoryMap.from_dict(saved["category_map"])
-    anchor_shapes, anchor_offset = anchors_from_checkpoint(checkpoint)
-    detector = build_detector(run_cfg, anchor_shapes, trained_map.num_classes, anchor_offset,
-                              load_backbone_weights=False)
-    module = DetectionModule(detector, trained_map, val_annotation_file, run_config=saved["run_config"],
-                             eval_backend=eval_backend)
-    module.load_state_dict(checkpoint["state_dict"])
-    return module
-
-
-# Keys of evaluate.yaml's `data` that point at other annotated data; the rest adjust the loader.
-EVALUATION_DATA_PATHS = ("root", "val_images", "val_annotations")
-
-
-def evaluation_datamodule(checkpoint: dict, data_overrides: DictConfig | dict | None):
-    """The data to evaluate a checkpoint on: its training run's validation data, or other COCO data.
-
-    ``data.root=/path/to/coco`` (the 2017 layout's val2017) or ``data.val_images=... data.val_annotations=...``
-    evaluate on that annotation file, whose categories must be the checkpoint's (no training files
-    needed); ``data.batch_size`` / ``data.num_workers`` adjust either; an override with its own
-    ``_target_`` replaces the data config whole.
-    """
-    saved = checkpoint["anchordet"]
-    run_data = OmegaConf.create(saved["run_config"]).data
-    given = {k: v for k, v in OmegaConf.to_container(OmegaConf.create(data_overrides or {})).items() if v is not None}
-    trained_map = CategoryMap.from_dict(saved["category_map"])
-    if "_target_" in given:
-        datamodule = instantiate(given)
-    elif any(key in given for key in EVALUATION_DATA_PATHS):
-        loader = {k: given.get(k, run_data.get(k)) for k in ("batch_size", "num_workers") if given.get(k, run_data.get(k)) is not None}
-        datamodule = CocoDataModule(**{k: given.get(k) for k in EVALUATION_DATA_PATHS}, image_size=run_data.image_size,
-                                    category_map=trained_map, **loader)
-    else:
-        datamodule = instantiate(OmegaConf.merge(run_data, given))
-    if datamodule.category_map != trained_map:
-        raise ValueError(
-            f"the dataset's classes ({datamodule.category_map.names}) disagree with the checkpoint's "
-            f"({trained_map.names}): evaluate on data with the categories the model was trained on "
-            "(check data.* overrides)")
-    return datamodule
-
-
-@torch.no_grad()
-def write_overlays(module: DetectionModule, datamodule, out_dir: Path, num_images: int,
-                   score_threshold: float) -> list[Path]:
-    """PNG pictures of GT and predictions on the first validation images (network-input frame)."""
-    dataset = datamodule.val_dataset
-    samples = [dataset[i] for i in range(min(num_images, len(dataset)))]
-    if not samples:
-        return []
-    images_uint8, targets = collate(samples)
-    device = next(module.parameters()).device
-    images, _ = module.on_after_batch_transfer((images_uint8.to(device), targets))
-    predictions = [{k: v.cpu() for k, v in p.items()} for p in module.detector.predict(images)]
-    class_names = module.category_map.names if module.task == DETECTIONS else None
-    return write_prediction_overlays(images_uint8, predictions, targets, class_names, out_dir, score_threshold)
-
-
-def evaluate(cfg: DictConfig) -> dict:
-    """Evaluate `cfg.ckpt_path` on its validation data: results JSON, metrics.json, overlays, printout."""
-    with user_errors():
-        return _evaluate(cfg)
-
-
-def _evaluate(cfg: DictConfig) -> dict:
-    checkpoint = read_checkpoint(cfg.ckpt_path, bool(cfg.get("allow_unsafe_checkpoint", False)))
-    head_overrides = OmegaConf.to_container(cfg.get("head") or OmegaConf.create({}))
-    datamodule = evaluation_datamodule(checkpoint, cfg.get("data"))
-    module = rebuild_module(checkpoint, head_overrides, cfg.evaluation.backend, str(datamodule.val_annotation_file))
-    if cfg.split != "val":
-        raise ValueError(f"split={cfg.split!r}: only 'val' is supported (point data.val_images / "
-                         "data.val_annotations at another split to evaluate it)")
-    output_dir = Path(cfg.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-
-    distributed = int(cfg.devices) > 1
-    if distributed:
-        rerun_ranks_in_this_job()
-    trainer = L.Trainer(accelerator=cfg.accelerator, devices=int(cfg.devices),
-                        strategy="ddp" if distributed else "auto", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
-    datamodule.setup("validate")
-    with distributed_job_scope():
-        # Each rank validates its share; the module gathers every rank's detections (each image once)
-        # before COCOeval, so the numbers equal a single-process run.
-        trainer.validate(module, dataloaders=datamodule.val_dataloader(), verbose=False)
-    if not trainer.is_global_zero:
-        return {}
-
-    evaluation = module.last_evaluation
-    detections = module.task == DETECTIONS
-    results_name = "detections.json" if detections else "proposals.json"
-    write_results(module.last_results, output_dir / results_name)
-    metrics = {"checkpoint": str(Path(cfg.ckpt_path).resolve()), "split": cfg.split,
-               "annotation_file": str(module.val_annotation_file),
-               "num_images": len(module.last_image_ids),
-               "head_overrides": head_overrides, "evaluation_backend": cfg.evaluation.backend,
-               **evaluation.metrics}
-    if detections:
-        metrics["per_class_AP"] = evaluation.per_class_ap
-    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-
-    overlays = write_overlays(module, datamodule, output_dir / "overlays", cfg.num_overlays, cfg.overlay_score_threshold)
-
-    print(evaluation.summary)
-    if detections:
-        print(format_per_class_table(evaluation.per_class_ap))
-    print(f"wrote {output_dir / results_name}, {output_dir / 'metrics.json'} and {len(overlays)} overlays "
-          f"in {output_dir / 'overlays'}")
-    return metrics
-
-
-# ---------------------------------------------------------------------------- prediction
-def predict(cfg: DictConfig) -> dict:
-    """Run `cfg.ckpt_path` on the images `cfg.source` names; write predictions.json, images.json and
-    overlays into the run folder."""
-    with user_errors():
-        return _predict(cfg)
-
-
-def _predict(cfg: DictConfig) -> dict:
-    checkpoint = read_checkpoint(cfg.ckpt_path, bool(cfg.get("allow_unsafe_checkpoint", False)))
-    head_overrides = OmegaConf.to_container(cfg.get("head") or OmegaConf.create({}))
-    module = rebuild_module(checkpoint, head_overrides)
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
-                          else ("cpu" if cfg.device == "auto" else cfg.device))
-    image_size = int(checkpoint["anchordet"]["run_config"]["data"]["image_size"])
-    return write_predictions(module, find_images(cfg.source), image_size, Path(cfg.output_dir), device,
-                             batch_size=int(cfg.batch_size), num_workers=int(cfg.num_workers),
-                             score_threshold=float(cfg.score_threshold), max_detections=int(cfg.max_detections),
-                             overlays=bool(cfg.overlays), max_overlays=int(cfg.max_overlays))

@@ -32,6 +32,8 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from anchordet.errors import ConfigError
+
 log = logging.getLogger("anchordet.checkpointing")
 
 
@@ -171,16 +173,16 @@ def read_checkpoint(path: str | os.PathLike, allow_unsafe: bool = False) -> dict
         # torch's weights-only unpickler names the global it refused; anything else is a corrupt file.
         refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
         if refused is None:
-            raise ValueError(f"ckpt_path={str(path)!r} could not be read as a PyTorch checkpoint: it is not a "
+            raise ConfigError(f"ckpt_path={str(path)!r} could not be read as a PyTorch checkpoint: it is not a "
                              "checkpoint file, or a damaged one") from None
-        raise ValueError(
+        raise ConfigError(
             f"ckpt_path={str(path)!r} holds objects that would run code when loaded (it needs "
             f"{refused.group(1)}); it was not written by this project's train.py. Load it only if you trust "
             "its source: pass allow_unsafe_checkpoint=true") from None
     except Exception as error:  # torch raises several types for corrupt files
-        raise ValueError(f"ckpt_path={str(path)!r} could not be read as a PyTorch checkpoint: {error}") from error
+        raise ConfigError(f"ckpt_path={str(path)!r} could not be read as a PyTorch checkpoint: {error}") from error
     if not isinstance(checkpoint, dict) or "anchordet" not in checkpoint or "state_dict" not in checkpoint:
-        raise ValueError(
+        raise ConfigError(
             f"ckpt_path={str(path)!r} is not an anchordet checkpoint (no 'anchordet' section): it was "
             "not written by train.py of this project")
     return checkpoint

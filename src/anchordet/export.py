@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from anchordet.data.transforms import PAD_VALUE
+from anchordet.errors import ConfigError
 from anchordet.models.heads.common import select_padded
 from anchordet.module import IMAGENET_MEAN, IMAGENET_STD
 
@@ -82,9 +83,9 @@ def export_model(module, image_size: int, path: str | Path, fmt: str, batch_size
     """Write the exported model to ``path`` and its sidecar to ``<path>.json`` (plus the ``extra``
     entries, e.g. the checkpoint it came from); returns both paths."""
     if fmt not in FORMATS:
-        raise ValueError(f"format={fmt!r}: use one of {FORMATS}")
+        raise ConfigError(f"format={fmt!r}: use one of {FORMATS}")
     if input_dtype not in INPUT_DTYPES:
-        raise ValueError(f"input_dtype={input_dtype!r}: use one of {list(INPUT_DTYPES)}")
+        raise ConfigError(f"input_dtype={input_dtype!r}: use one of {list(INPUT_DTYPES)}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     wrapper = ExportedDetector(module.cpu(), image_size, max_detections).eval()

@@ -31,6 +31,7 @@ from anchordet.checkpointing import read_checkpoint
 from anchordet.data import CocoDataModule, collate
 from anchordet.data.categories import CategoryMap
 from anchordet.distributed import distributed_job_scope
+from anchordet.errors import ConfigError
 from anchordet.evaluation import format_per_class_table, write_results
 from anchordet.export import INPUT_DTYPES, ExportedDetector, compare_outputs, export_model, run_exported
 from anchordet.inference import find_images, write_predictions
@@ -52,7 +53,7 @@ def override_head(run_cfg: DictConfig, head_overrides: DictConfig | dict | None)
     """
     for key, value in OmegaConf.to_container(OmegaConf.create(head_overrides or {})).items():
         if key not in run_cfg.head or key.startswith("_"):
-            raise ValueError(
+            raise ConfigError(
                 f"head.{key}: the checkpoint's head config has no such setting; choose one of "
                 f"{sorted(k for k in run_cfg.head if not k.startswith('_'))}")
         run_cfg.head[key] = value
@@ -119,7 +120,7 @@ def evaluation_datamodule(checkpoint: dict, data_overrides: DictConfig | dict | 
     else:
         datamodule = instantiate(OmegaConf.merge(run_data, given))
     if datamodule.category_map != trained_map:
-        raise ValueError(
+        raise ConfigError(
             f"the dataset's classes ({datamodule.category_map.names}) disagree with the checkpoint's "
             f"({trained_map.names}): evaluate on data with the categories the model was trained on "
             "(check data.* overrides)")
@@ -154,7 +155,7 @@ def _evaluate(cfg: DictConfig) -> dict:
     datamodule = evaluation_datamodule(checkpoint, cfg.get("data"))
     module = rebuild_module(checkpoint, head_overrides, cfg.evaluation.backend, str(datamodule.val_annotation_file))
     if cfg.split != "val":
-        raise ValueError(f"split={cfg.split!r}: only 'val' is supported (point data.val_images / "
+        raise ConfigError(f"split={cfg.split!r}: only 'val' is supported (point data.val_images / "
                          "data.val_annotations at another split to evaluate it)")
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -224,7 +225,7 @@ def export(cfg: DictConfig) -> dict:
 def _export(cfg: DictConfig) -> dict:
     fmt = str(cfg.format)
     if fmt not in EXPORT_SUFFIXES:
-        raise ValueError(f"format={fmt!r}: use one of {sorted(EXPORT_SUFFIXES)}")
+        raise ConfigError(f"format={fmt!r}: use one of {sorted(EXPORT_SUFFIXES)}")
     checkpoint, module = load_trained(cfg)
     image_size = trained_image_size(checkpoint)
     output = Path(cfg.output) if cfg.get("output") else Path(cfg.output_dir) / f"model{EXPORT_SUFFIXES[fmt]}"

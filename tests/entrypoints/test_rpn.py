@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from anchordet.app import override_head
+from anchordet.trained import override_head
 
 P2_P6 = ["P2", "P3", "P4", "P5", "P6"]
 
