@@ -175,14 +175,15 @@ def prepare_ddp(cfg: DictConfig) -> DictConfig:
     Also: SyncBatchNorm only runs on accelerators, so on CPU (gloo) it is switched off.
     """
     trainer_cfg = cfg.trainer
+    on_cpu = trainer_cfg.get("accelerator") == "cpu" or not torch.cuda.is_available()
+    if on_cpu and trainer_cfg.get("sync_batchnorm"):
+        # Even with one rank: DDP still wraps the model, and refuses SyncBatchNorm on CPU modules.
+        log.info("trainer.sync_batchnorm=true ignored on the CPU (SyncBatchNorm needs an accelerator)")
+        trainer_cfg = OmegaConf.merge(trainer_cfg, {"sync_batchnorm": False})
     strategy = trainer_cfg.get("strategy")
     if strategy is None or int(trainer_cfg.get("devices", 1) or 1) * int(trainer_cfg.get("num_nodes", 1) or 1) <= 1:
         return trainer_cfg
     rerun_ranks_in_this_job()
-    on_cpu = trainer_cfg.get("accelerator") == "cpu" or not torch.cuda.is_available()
-    if on_cpu and trainer_cfg.get("sync_batchnorm"):
-        log.info("trainer.sync_batchnorm=true ignored on the CPU (SyncBatchNorm needs an accelerator)")
-        trainer_cfg = OmegaConf.merge(trainer_cfg, {"sync_batchnorm": False})
     return trainer_cfg
 
 

@@ -221,3 +221,12 @@ def test_unknown_option_lists_the_choices(hydra_context):
         compose(config_name="train", overrides=["backbone=resnet5"])
     message = str(error.value)
     assert "resnet5" in message and "resnet50" in message and "resnet101" in message
+
+
+@pytest.mark.parametrize("devices", [1, 2])
+def test_ddp_on_the_cpu_drops_sync_batchnorm_which_needs_cuda(hydra_context, tmp_path, monkeypatch, devices):
+    # One rank too: DDP wraps the model even then, and SyncBatchNorm refuses CPU modules.
+    monkeypatch.setattr(app, "rerun_ranks_in_this_job", lambda: None)  # no Hydra runtime here
+    cfg = compose_train(tmp_path, "trainer=ddp", f"trainer.devices={devices}", "trainer.accelerator=cpu")
+    assert cfg.trainer.sync_batchnorm is True
+    assert app.prepare_ddp(cfg).sync_batchnorm is False
