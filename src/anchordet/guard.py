@@ -13,8 +13,10 @@ the step and its gradients exist and nothing is changed yet:
   ``max_consecutive_skips`` bad steps in a row.
 
 Under DDP the decision is taken together: a NaN on one rank becomes every rank's NaN once DDP has
-averaged the gradients, and the loss check is all-reduced, so every rank stops or skips on the same
-step and none waits for a peer that left. With a gradient scaler (fp16), infinite gradients are the
+averaged the gradients, and every rank's loss terms and flags are all-gathered, so every rank stops
+or skips on the same step, none waits for a peer that left, and each message names the rank the NaN
+came from (rank 0's may be the only one printed: the launcher ends the other ranks when it stops).
+With a gradient scaler (fp16), infinite gradients are the
 scaler's business (it skips those steps itself), so only the loss is checked there.
 """
 
@@ -68,11 +70,14 @@ class NonFiniteGuard(Callback):
         loss_ok = losses_are_finite(losses)
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         grads_ok = scaler is not None or gradients_are_finite(pl_module)
-        # Every rank must take the same branch; all=True: good only if good on every rank.
-        if trainer.strategy.reduce_boolean_decision(loss_ok and grads_ok, all=True):
+        # Every rank must take the same branch, and every rank's message should name the rank the
+        # NaN came from: rank 0 may be the only one to print before the launcher ends the others.
+        # So each rank's loss terms and flags are gathered (one collective, as a boolean reduce is).
+        states = self._gather(trainer, pl_module, losses, loss_ok, grads_ok)
+        if all(loss_ok and grads_ok for _, loss_ok, grads_ok in states):
             self.skipped_in_a_row = 0
             return
-        message = self._describe(trainer, pl_module, losses, loss_ok, grads_ok)
+        message = self._describe(trainer, list(losses), states)
         if self.action == "stop":
             raise NonFiniteError(message)
         self.skipped_total += 1
@@ -85,19 +90,28 @@ class NonFiniteGuard(Callback):
         pl_module.log("train/nonfinite_steps_skipped", float(self.skipped_total), on_step=True, on_epoch=False)
 
     @staticmethod
-    def _describe(trainer: L.Trainer, pl_module: L.LightningModule, losses: dict, loss_ok: bool,
-                  grads_ok: bool) -> str:
-        terms = ", ".join(f"{name}={float(value):.4g}" for name, value in losses.items()) or "no loss terms"
-        what = []
-        if not loss_ok:
-            what.append("the loss is not finite")
-        if not grads_ok:
-            what.append("the gradients are not finite")
-        if loss_ok and grads_ok:
-            what.append("another rank's loss is not finite")
+    def _gather(trainer: L.Trainer, pl_module: L.LightningModule, losses: dict, loss_ok: bool,
+                grads_ok: bool) -> list[tuple[list[float], bool, bool]]:
+        """[(loss values, loss finite, gradients finite)] for every rank, in rank order."""
+        state = torch.tensor([float(value) for value in losses.values()] + [float(loss_ok), float(grads_ok)],
+                             dtype=torch.float64, device=pl_module.device)
+        gathered = trainer.strategy.all_gather(state) if trainer.world_size > 1 else state
+        gathered = gathered.reshape(-1, state.numel()).tolist()  # [world, terms + 2]
+        return [(row[:-2], bool(row[-2]), bool(row[-1])) for row in gathered]
+
+    @staticmethod
+    def _describe(trainer: L.Trainer, names: list[str], states: list[tuple[list[float], bool, bool]]) -> str:
+        parts = []
+        for rank, (values, loss_ok, grads_ok) in enumerate(states):
+            if loss_ok and grads_ok:
+                continue
+            what = (["the loss is not finite"] if not loss_ok else []) + \
+                   (["the gradients are not finite"] if not grads_ok else [])
+            terms = ", ".join(f"{name}={value:.4g}" for name, value in zip(names, values)) or "no loss terms"
+            parts.append(f"{' and '.join(what)} ({terms} on rank {rank})")
         lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else float("nan")
         return (f"non-finite training step {trainer.global_step} (epoch {trainer.current_epoch}): "
-                f"{' and '.join(what)} ({terms} on rank {trainer.global_rank}). Try a lower "
+                f"{'; '.join(parts)}. Try a lower "
                 f"optim.optimizer.lr (now {lr:.3g}), trainer.precision=32-true, a smaller "
                 f"trainer.gradient_clip_val (now {trainer.gradient_clip_val}), or "
                 "callbacks.nonfinite_guard.action=skip to drop such steps")
