@@ -2,7 +2,8 @@
 
 ``python -m anchordet.bench [--device cpu|cuda] [--image-size S] [--batch-size B] ...`` prints one
 JSON line per case (median seconds per training step after warm-up, images/s, peak memory) and then
-one line per ratio, plus a small table on stderr.
+one line per ratio, plus a small table on stderr. ``python -m anchordet.bench infer ...`` is the
+inference benchmark instead (eager, TorchScript, onnxruntime; see `anchordet.bench_infer`).
 
 Every case trains on the same synthetic batch (fixed seed): B random images of S x S pixels and a
 few random ground-truth boxes (xyxy, input pixels) with labels per image. One training step is
@@ -260,7 +261,8 @@ def ratio_records(case_records: list[dict]) -> list[dict]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m anchordet.bench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m anchordet.bench", description=__doc__.split("\n")[0],
+                                     epilog="python -m anchordet.bench infer --help: the inference benchmark")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--image-size", type=int, help="S; default 640 on cuda, 256 on cpu")
     parser.add_argument("--batch-size", type=int, help="B; default 16 on cuda, 2 on cpu")
@@ -332,4 +334,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["infer"]:  # the inference benchmark, a module of its own
+        from anchordet.bench_infer import main as infer_main
+
+        infer_main(sys.argv[2:])
+    else:
+        main()

@@ -36,11 +36,12 @@ OUTPUT_NAMES = ("boxes", "scores", "labels", "num_detections")
 
 
 class ExportedDetector(nn.Module):
-    """The detector of a `DetectionModule` as one fixed-shape function of a pixel batch (see above)."""
+    """A `Detector` (a trained module's ``.detector``) as one fixed-shape function of a pixel batch
+    (see above)."""
 
-    def __init__(self, module, image_size: int, max_detections: int | None = None) -> None:
+    def __init__(self, detector: nn.Module, image_size: int, max_detections: int | None = None) -> None:
         super().__init__()
-        self.detector = module.detector.eval()
+        self.detector = detector.eval()
         self.image_size = int(image_size)
         self.max_detections = int(max_detections or self.detector.head.max_per_image)
         # The anchors of the one input size the model is exported for, placed once.
@@ -88,8 +89,17 @@ def export_model(module, image_size: int, path: str | Path, fmt: str, batch_size
         raise ConfigError(f"input_dtype={input_dtype!r}: use one of {list(INPUT_DTYPES)}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    wrapper = ExportedDetector(module.cpu(), image_size, max_detections).eval()
+    wrapper = ExportedDetector(module.cpu().detector, image_size, max_detections).eval()
     example = torch.full((batch_size, 3, image_size, image_size), PAD_VALUE, dtype=INPUT_DTYPES[input_dtype])
+    write_exported(wrapper, example, path, fmt)
+    meta_path = path.with_name(path.name + ".json")
+    meta_path.write_text(json.dumps(sidecar(module, image_size, batch_size, input_dtype, wrapper.max_detections,
+                                            fmt, extra), indent=2))
+    return path, meta_path
+
+
+def write_exported(wrapper: ExportedDetector, example: Tensor, path: Path, fmt: str) -> None:
+    """Trace ``wrapper`` on ``example`` (its batch size and dtype become the file's) and save it."""
     with torch.no_grad():
         if fmt == "torchscript":
             traced = torch.jit.trace(wrapper, example, check_trace=False)
@@ -101,10 +111,13 @@ def export_model(module, image_size: int, path: str | Path, fmt: str, batch_size
             torch.onnx.export(wrapper, (example,), str(path), dynamo=False, opset_version=17,
                               input_names=["images"], output_names=list(OUTPUT_NAMES))
             onnx.checker.check_model(onnx.load(str(path)))
-    meta_path = path.with_name(path.name + ".json")
-    meta_path.write_text(json.dumps(sidecar(module, image_size, batch_size, input_dtype, wrapper.max_detections,
-                                            fmt, extra), indent=2))
-    return path, meta_path
+
+
+def onnx_session(path: str | Path):
+    """An onnxruntime CPU session for an exported file (``session.run(None, {"images": array})``)."""
+    import onnxruntime
+
+    return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
 def run_exported(path: str | Path, fmt: str, images: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -113,10 +126,7 @@ def run_exported(path: str | Path, fmt: str, images: Tensor) -> tuple[Tensor, Te
     if fmt == "torchscript":
         with torch.no_grad():
             return tuple(torch.jit.load(str(path), map_location="cpu")(images))
-    import onnxruntime
-
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    outputs = session.run(list(OUTPUT_NAMES), {"images": images.numpy()})
+    outputs = onnx_session(path).run(list(OUTPUT_NAMES), {"images": images.numpy()})
     return tuple(torch.from_numpy(output) for output in outputs)
 
 

@@ -250,4 +250,4 @@ def check_batch(module: DetectionModule, image_size: int, batch_size: int, input
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (batch_size, 3, image_size, image_size), generator=generator,
                            dtype=torch.uint8).to(INPUT_DTYPES[input_dtype])
-    return ExportedDetector(module.cpu(), image_size, max_detections).eval(), images
+    return ExportedDetector(module.cpu().detector, image_size, max_detections).eval(), images

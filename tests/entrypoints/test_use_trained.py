@@ -137,7 +137,7 @@ def test_export_gives_the_eager_detections(run_cli, yolo_run, tmp_path, fmt):
     images = letterboxed(sorted(val_images.glob("*.jpg"))[:2], size)
     module = rebuild_module(checkpoint, {"score_thresh": 0.0}).eval()
     with torch.no_grad():
-        eager = ExportedDetector(module, size)(images)
+        eager = ExportedDetector(module.detector, size)(images)
         # The export wrapper is the detector's own eager inference, in fixed-shape form.
         predictions = module.detector.predict(module.on_after_batch_transfer((images, None))[0])
     for i, prediction in enumerate(predictions):
