@@ -143,3 +143,9 @@ def compare_outputs(reference: tuple[Tensor, ...], exported: tuple[Tensor, ...])
             "max_box_diff": float((boxes[filled] - boxes_x[filled]).abs().max()),
             "max_score_diff": float((scores[filled] - scores_x[filled]).abs().max()),
             "same_labels": bool(torch.equal(labels[filled].long(), labels_x[filled].long()))}
+
+
+if __name__ == "__main__":  # `python -m anchordet.export ckpt_path=... format=onnx|torchscript`
+    from anchordet.trained import run_command  # the Hydra command lives with the other trained-model ones
+
+    run_command("export")

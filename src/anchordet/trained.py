@@ -244,6 +244,22 @@ def _export(cfg: DictConfig) -> dict:
     return report
 
 
+# ---------------------------------------------------------------------------- module entry points
+# The checkout's conf/: `python -m anchordet.predict` runs from any folder of an editable install.
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
+COMMANDS = {"evaluate": evaluate, "predict": predict, "export": export}
+
+
+def run_command(name: str) -> None:
+    """`python -m anchordet.<name> key=value ...`: the same command as `python <name>.py` in the checkout."""
+    import hydra
+
+    if not (CONFIG_DIR / f"{name}.yaml").is_file():
+        raise SystemExit(f"error: {CONFIG_DIR / (name + '.yaml')} not found: `python -m anchordet.{name}` "
+                         f"needs the project checkout (pip install -e .); or run python {name}.py there")
+    hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name=name)(COMMANDS[name])()
+
+
 def check_batch(module: DetectionModule, image_size: int, batch_size: int, input_dtype: str,
                 max_detections: int | None):
     """(eager wrapper, a fixed random pixel batch) for the after-export comparison."""

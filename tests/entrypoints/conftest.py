@@ -24,11 +24,12 @@ HELPERS_DIR = Path(__file__).resolve().parent
 
 def _run_cli(script: str, *overrides: str, cwd: Path, timeout: int = 600, check: bool = True,
              ) -> subprocess.CompletedProcess:
-    """`python <script> <overrides>` in `cwd`; with `check`, a non-zero exit fails the test with
-    the tail of both output streams."""
+    """`python <script> <overrides>` in `cwd` (``script="-m anchordet.predict"`` runs that module);
+    with `check`, a non-zero exit fails the test with the tail of both output streams."""
     path = os.pathsep.join(p for p in (str(HELPERS_DIR), os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path}
-    result = subprocess.run([sys.executable, str(REPO / script), *overrides], cwd=cwd, env=env,
+    command = script.split() if script.startswith("-m ") else [str(REPO / script)]
+    result = subprocess.run([sys.executable, *command, *overrides], cwd=cwd, env=env,
                             capture_output=True, text=True, timeout=timeout)
     if check:
         assert result.returncode == 0, f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"

@@ -163,13 +163,14 @@ def test_an_rpn_checkpoint_predicts_and_exports_proposals(run_cli, tmp_path):
     run_cli("train.py", "head=rpn", "experiment=tiny", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     images = sorted((tmp_path / "outputs" / "data").rglob("val2017/*.jpg"))
-    run_cli("predict.py", f"ckpt_path={ckpt}", f"source={images[0].parent}", "max_detections=50",
+    # The module forms of predict and export (`python -m anchordet.predict`), from a folder outside the checkout.
+    run_cli("-m anchordet.predict", f"ckpt_path={ckpt}", f"source={images[0].parent}", "max_detections=50",
             "overlays=false", f"hydra.run.dir={tmp_path / 'pred'}", cwd=tmp_path)
     proposals = COCO(str(tmp_path / "pred" / "images.json")).loadRes(str(tmp_path / "pred" / "predictions.json"))
     per_image = [len(proposals.imgToAnns[i]) for i in proposals.getImgIds()]
     assert len(per_image) == len(images) and all(0 < n <= 50 for n in per_image)
     assert {a["category_name"] for a in proposals.dataset["annotations"]} == {"object"}
-    run_cli("export.py", f"ckpt_path={ckpt}", "format=onnx", "max_detections=50", f"hydra.run.dir={tmp_path / 'x'}",
+    run_cli("-m anchordet.export", f"ckpt_path={ckpt}", "format=onnx", "max_detections=50", f"hydra.run.dir={tmp_path / 'x'}",
             cwd=tmp_path)
     sidecar = json.loads((tmp_path / "x" / "model.onnx.json").read_text())
     assert sidecar["task"] == "proposals" and sidecar["outputs"]["max_detections"] == 50
