@@ -11,8 +11,8 @@ import torch
 from anchordet import bench
 
 TINY = ["--device", "cpu", "--image-size", "64", "--batch-size", "1", "--warmup", "1", "--iters", "1"]
-CASE_KEYS = {"case", "device", "precision", "image_size", "batch_size", "compile", "median_step_s", "images_per_s",
-             "peak_mem_mb"}
+CASE_KEYS = {"case", "device", "precision", "image_size", "batch_size", "boxes_per_image", "compile", "median_step_s",
+             "images_per_s", "peak_mem_mb"}
 
 
 def test_main_prints_one_parsable_line_per_case_and_consistent_ratios(tmp_path, capsys):
@@ -94,6 +94,8 @@ def test_synthetic_batch_is_fixed_and_boxes_lie_inside_the_image():
     mean = torch.tensor(bench.IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(bench.IMAGENET_STD).view(1, 3, 1, 1)
     torch.testing.assert_close(first.images * std + mean, first.images_unit)
+    crowded = bench.make_batch(2, 96, 80, torch.device("cpu"), channels_last=False, boxes_per_image=500)
+    assert [t["boxes"].shape for t in crowded.targets] == [(500, 4), (500, 4)]
 
 
 def test_retinanet_transform_keeps_the_input_size():

@@ -77,14 +77,14 @@ class SyntheticBatch:
 
 
 def make_batch(batch_size: int, image_size: int, num_classes: int, device: torch.device,
-               channels_last: bool) -> SyntheticBatch:
+               channels_last: bool, boxes_per_image: int = BOXES_PER_IMAGE) -> SyntheticBatch:
     generator = torch.Generator().manual_seed(SEED)
     images_unit = torch.rand(batch_size, 3, image_size, image_size, generator=generator)
     # Sides between 5% and 50% of the image, centres anywhere; clipping keeps every box inside.
-    wh = torch.empty(batch_size, BOXES_PER_IMAGE, 2).uniform_(0.05, 0.5, generator=generator) * image_size
-    centre = torch.rand(batch_size, BOXES_PER_IMAGE, 2, generator=generator) * image_size
+    wh = torch.empty(batch_size, boxes_per_image, 2).uniform_(0.05, 0.5, generator=generator) * image_size
+    centre = torch.rand(batch_size, boxes_per_image, 2, generator=generator) * image_size
     boxes = torch.cat([centre - wh / 2, centre + wh / 2], dim=-1).clamp(0, image_size)
-    labels = torch.randint(num_classes, (batch_size, BOXES_PER_IMAGE), generator=generator)
+    labels = torch.randint(num_classes, (batch_size, boxes_per_image), generator=generator)
     mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
     images = ((images_unit - mean) / std).to(device)
     if channels_last:
@@ -240,7 +240,8 @@ def run_case(name: str, batch: SyntheticBatch, args: argparse.Namespace) -> dict
         torch.cuda.empty_cache()
     median = statistics.median(durations)
     return {"case": name, "device": device.type, "precision": args.precision, "compile": bool(args.compile),
-            "image_size": args.image_size, "batch_size": args.batch_size, "median_step_s": median,
+            "image_size": args.image_size, "batch_size": args.batch_size,
+            "boxes_per_image": args.boxes_per_image, "median_step_s": median,
             "images_per_s": args.batch_size / median,
             "peak_mem_mb": None if peak_mb is None else round(peak_mb, 1)}
 
@@ -271,6 +272,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                         help="auto: bf16 autocast on cuda, fp32 on cpu")
     parser.add_argument("--num-classes", type=int, default=80)
+    parser.add_argument("--boxes-per-image", type=int, default=BOXES_PER_IMAGE,
+                        help="ground-truth boxes per image (matching cost grows with it)")
     parser.add_argument("--cases", default=",".join(BENCHMARK_CASES),
                         help=f"comma-separated subset of {','.join(BENCHMARK_CASES)}")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
@@ -294,8 +297,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = [name for name in args.cases if name not in BENCHMARK_CASES]
     if unknown or not args.cases:
         parser.error(f"--cases: unknown or empty {unknown}; choose from {list(BENCHMARK_CASES)}")
-    if min(args.image_size, args.batch_size, args.iters) < 1 or args.warmup < 0:
-        parser.error("--image-size, --batch-size and --iters must be >= 1, --warmup >= 0")
+    if min(args.image_size, args.batch_size, args.iters, args.boxes_per_image) < 1 or args.warmup < 0:
+        parser.error("--image-size, --batch-size, --iters and --boxes-per-image must be >= 1, --warmup >= 0")
     return args
 
 
@@ -316,7 +319,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # one fixed input size: autotune once, in warm-up
-    batch = make_batch(args.batch_size, args.image_size, args.num_classes, device, args.channels_last)
+    batch = make_batch(args.batch_size, args.image_size, args.num_classes, device, args.channels_last,
+                       args.boxes_per_image)
     print(f"# {len(args.cases)} cases, B={args.batch_size}, S={args.image_size}, {args.precision}, "
           f"{device.type}, torch {torch.__version__}, torchvision {torchvision.__version__}", file=sys.stderr)
     records = []

@@ -53,6 +53,20 @@ def test_kmeans_is_deterministic_for_a_seed():
     assert torch.equal(first, second)
 
 
+def test_a_large_set_is_clustered_on_a_sample_with_the_same_fitness():
+    g = torch.Generator().manual_seed(5)
+    boxes = torch.exp(torch.randn(60_000, 2, generator=g) * 0.7 + 3.5)  # long-tailed, like real box sizes
+    full = kmeans_anchor_shapes(boxes, k=9, seed=0, max_fit_boxes=None)
+    sampled = kmeans_anchor_shapes(boxes, k=9, seed=0, max_fit_boxes=10_000)
+    assert not torch.equal(full, sampled)  # the cap took effect
+    assert torch.equal(sampled, kmeans_anchor_shapes(boxes, k=9, seed=0, max_fit_boxes=10_000))
+    mean_full, mean_sampled = (best_shape_iou(boxes, [shapes]).mean().item() for shapes in (full, sampled))
+    assert abs(mean_full - mean_sampled) < 0.002, (mean_full, mean_sampled)
+    # At or under the cap the whole set is clustered, as without one.
+    assert torch.equal(kmeans_anchor_shapes(boxes[:10_000], k=9, seed=0, max_fit_boxes=10_000),
+                       kmeans_anchor_shapes(boxes[:10_000], k=9, seed=0, max_fit_boxes=None))
+
+
 def test_empty_cluster_is_reseeded_at_the_worst_covered_box(monkeypatch):
     # Duplicate initial centres leave cluster 1 empty; the re-seed must land on the (40, 40) boxes
     # (best IoU 0.16, the worst covered) and k-means then recovers all three shapes exactly.
