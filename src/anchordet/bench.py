@@ -323,18 +323,29 @@ def main(argv: list[str] | None = None) -> list[dict]:
                        args.boxes_per_image)
     print(f"# {len(args.cases)} cases, B={args.batch_size}, S={args.image_size}, {args.precision}, "
           f"{device.type}, torch {torch.__version__}, torchvision {torchvision.__version__}", file=sys.stderr)
-    records = []
-    for name in args.cases:
-        records.append(run_case(name, batch, args))
-        print(json.dumps(records[-1]), flush=True)
-    ratios = ratio_records(records)
-    print("".join(json.dumps(record) + "\n" for record in ratios), end="", flush=True)
-    records += ratios
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text("".join(json.dumps(record) + "\n" for record in records))
+    records = run_cases(args.cases, lambda name: run_case(name, batch, args))
+    records += emit(ratio_records(records))
+    write_records(records, args.out)
     print_table(records)
     return records
+
+
+def emit(records: list[dict]) -> list[dict]:
+    """Print each record as one JSON line on stdout (as it comes, so a long run shows progress)."""
+    for record in records:
+        print(json.dumps(record), flush=True)
+    return records
+
+
+def run_cases(names: list[str], run_one: Callable[[str], dict]) -> list[dict]:
+    """``run_one(name)`` for each case in turn, each record printed as soon as it is measured."""
+    return [emit([run_one(name)])[0] for name in names]
+
+
+def write_records(records: list[dict], out: Path | None) -> None:
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("".join(json.dumps(record) + "\n" for record in records))
 
 
 if __name__ == "__main__":

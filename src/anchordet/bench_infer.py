@@ -28,7 +28,6 @@ candidates under its score threshold first, which with random weights leaves it 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -40,7 +39,7 @@ import torch
 import torchvision
 from torch import Tensor
 
-from anchordet.bench import BENCHMARK_CASES, SEED, make_batch
+from anchordet.bench import BENCHMARK_CASES, SEED, emit, make_batch, run_cases, write_records
 from anchordet.export import ExportedDetector, onnx_session, write_exported
 
 REFERENCE = "torchvision_retinanet_r50_eager"
@@ -135,19 +134,13 @@ def main(argv: list[str]) -> list[dict]:
                            dtype=torch.uint8)
     print(f"# inference, {len(args.cases)} cases, B={args.batch_size}, S={args.image_size}, cpu, "
           f"torch {torch.__version__}, torchvision {torchvision.__version__}", file=sys.stderr)
-    records = []
-    for name in args.cases:
-        records.append(run_infer_case(name, pixels, args))
-        print(json.dumps(records[-1]), flush=True)
+    records = run_cases(args.cases, lambda name: run_infer_case(name, pixels, args))
     reference = next((r for r in records if r["case"] == REFERENCE), None)
     if reference is not None:
-        ratios = [{"ratio": f"{r['case']} / {REFERENCE}", "images_per_s_ratio": r["images_per_s"] / reference["images_per_s"]}
-                  for r in records if r is not reference]
-        print("".join(json.dumps(r) + "\n" for r in ratios), end="", flush=True)
-        records += ratios
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text("".join(json.dumps(record) + "\n" for record in records))
+        records += emit([{"ratio": f"{r['case']} / {REFERENCE}",
+                          "images_per_s_ratio": r["images_per_s"] / reference["images_per_s"]}
+                         for r in records if r is not reference])
+    write_records(records, args.out)
     lines = [f"{'case':34} {'batch s':>8} {'images/s':>9}"]
     lines += [f"{r['case']:34} {r['median_batch_s']:8.4f} {r['images_per_s']:9.2f}" if "case" in r
               else f"{r['ratio']}: images/s x{r['images_per_s_ratio']:.3f}" for r in records]
