@@ -93,8 +93,10 @@ class NonFiniteGuard(Callback):
     def _gather(trainer: L.Trainer, pl_module: L.LightningModule, losses: dict, loss_ok: bool,
                 grads_ok: bool) -> list[tuple[list[float], bool, bool]]:
         """[(loss values, loss finite, gradients finite)] for every rank, in rank order."""
-        state = torch.tensor([float(value) for value in losses.values()] + [float(loss_ok), float(grads_ok)],
-                             dtype=torch.float64, device=pl_module.device)
+        # Built on the device and read back once (tolist), not one host sync per loss term.
+        flags = torch.tensor([float(loss_ok), float(grads_ok)], dtype=torch.float64, device=pl_module.device)
+        values = [value.detach().to(flags).reshape(()) for value in losses.values()]
+        state = torch.cat([torch.stack(values), flags]) if values else flags
         gathered = trainer.strategy.all_gather(state) if trainer.world_size > 1 else state
         gathered = gathered.reshape(-1, state.numel()).tolist()  # [world, terms + 2]
         return [(row[:-2], bool(row[-2]), bool(row[-1])) for row in gathered]
