@@ -105,6 +105,19 @@ def test_empty_results_give_zero_not_an_error(annotation_file, backend):
     assert evaluation.metrics["mAP"] != evaluation.metrics["mAP"] or evaluation.metrics["mAP"] in (0.0, -1.0)
 
 
+def test_results_for_an_image_the_file_does_not_list_are_refused_by_id(annotation_file):
+    rows = [{"image_id": 999, "category_id": 7, "bbox": [0, 0, 5, 5], "score": 0.9}]
+    with pytest.raises(ValueError, match=r"image ids that the annotation file does not list: \[999\]"):
+        evaluate_detections(annotation_file, rows, backend="faster_coco_eval")
+
+
+def test_evaluation_leaves_the_callers_rows_as_they_were(annotation_file):
+    rows = [{"image_id": 1, "category_id": 7, "bbox": [0.0, 0.0, 5.0, 5.0], "score": 0.9}]
+    for backend in BACKENDS:
+        evaluate_detections(annotation_file, rows, backend=backend)
+    assert rows == [{"image_id": 1, "category_id": 7, "bbox": [0.0, 0.0, 5.0, 5.0], "score": 0.9}]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_proposal_recall_equals_class_agnostic_cocoeval(annotation_file, backend):
     results = [

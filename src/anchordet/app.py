@@ -4,8 +4,10 @@
 and the library's plain-argument classes lives here (commands on a trained checkpoint, `evaluate`,
 `predict` and `export`, live in `anchordet.trained` and build on these parts):
 
-- building the parts (`build_detector`, `fit_anchors`, `anchors_from_checkpoint`) and checking that
-  the chosen `monitor` is a metric the chosen head logs;
+- building the parts (`build_detector`, `fit_anchors`, `build_fresh_detector`,
+  `anchors_from_checkpoint`) and checking that the chosen `monitor` is a metric the chosen head logs;
+- `compose_train_config`: the config `python train.py <overrides>` runs, for tools that build many
+  models in one process (`python -m anchordet.bench fit`);
 - run mechanics: which checkpoint to resume (`resolve_resume`), how Lightning's DDP launcher re-runs
   the script inside a Hydra job (`prepare_ddp`), the precision `auto` stands for, `result.json`;
 - `user_errors`: config and data mistakes shown as one line naming the key or file.
@@ -44,6 +46,9 @@ from anchordet.sweep import write_run_result
 log = logging.getLogger("anchordet.app")
 # What Lightning's SLURM auto-requeue saves in the run folder (default_root_dir) before requeueing.
 HPC_CHECKPOINT = re.compile(r"hpc_ckpt_(\d+)\.ckpt")
+# The checkout's conf/: module entry points (`python -m anchordet.predict`, the fit benchmark) find
+# it from any folder of an editable install.
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
 # Errors whose message says all a user needs (the file, the step, what to change): shown as one
 # line, without the traceback through Lightning that would bury it.
 USER_ERRORS = (ConfigError, DatasetError, FileNotFoundError, CheckpointWriteError, NonFiniteError,
@@ -79,6 +84,41 @@ def fit_anchors(cfg: DictConfig, datamodule) -> tuple[list[torch.Tensor], dict, 
     builder = instantiate(cfg.anchor)
     shapes, report = builder.build(datamodule.train_box_sizes(), num_levels=len(cfg.backbone.levels))
     return shapes, report, builder.offset
+
+
+def optimisation_recipe(cfg: DictConfig) -> dict:
+    """The optimiser and schedule factories of `cfg.optim` and the trainer's gradient clipping:
+    what a loop outside Lightning needs to train the way `train.py` does."""
+    return {"optimizer": instantiate(cfg.optim.optimizer), "scheduler": instantiate(cfg.optim.scheduler),
+            "gradient_clip_val": cfg.trainer.get("gradient_clip_val")}
+
+
+def build_fresh_detector(cfg: DictConfig, datamodule) -> tuple[Detector, dict]:
+    """A randomly initialised detector (backbone weights as `cfg.backbone.weights` says) around anchors
+    fitted to `datamodule`'s training boxes; also the anchor builder's report."""
+    shapes, report, offset = fit_anchors(cfg, datamodule)
+    return build_detector(cfg, shapes, datamodule.category_map.num_classes, offset), report
+
+
+def build_datamodule(cfg: DictConfig):
+    """The LightningDataModule `cfg.data` names."""
+    return instantiate(cfg.data)
+
+
+def compose_train_config(overrides: list[str], output_dir: str | Path) -> DictConfig:
+    """The training config of ``python train.py <overrides>``, composed without starting a Hydra job.
+
+    Outside a job ``${hydra:runtime...}`` cannot resolve, so the paths it feeds are set here: the
+    project root is the current folder (as for train.py) and the run writes under `output_dir`.
+    """
+    from hydra import compose, initialize_config_dir
+
+    if not (CONFIG_DIR / "train.yaml").is_file():
+        raise ConfigError(f"{CONFIG_DIR / 'train.yaml'} not found: the fit benchmark composes the checkout's "
+                          "conf/; install the project editable (pip install -e .) from its checkout")
+    paths = [f"paths.root_dir={Path.cwd()}", f"paths.output_dir={Path(output_dir).resolve()}"]
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(config_name="train", overrides=paths + list(overrides))
 
 
 def anchors_from_checkpoint(checkpoint: dict) -> tuple[list[torch.Tensor], float]:
@@ -201,7 +241,7 @@ def _train(cfg: DictConfig) -> float | None:
     L.seed_everything(cfg.seed, workers=True)
     allow_unsafe = bool(cfg.get("allow_unsafe_checkpoint", False))
     resume_from = resolve_resume(cfg)
-    datamodule = instantiate(cfg.data)
+    datamodule = build_datamodule(cfg)
     category_map: CategoryMap = datamodule.category_map
     if resume_from is not None:
         # The anchors the weights were trained with, not a new clustering of (maybe changed) data.
@@ -209,9 +249,9 @@ def _train(cfg: DictConfig) -> float | None:
         anchor_report = None
         log.info("anchors from the checkpoint %s (no new k-means clustering): %s", resume_from,
                  [len(s) for s in anchor_shapes])
+        detector = build_detector(cfg, anchor_shapes, category_map.num_classes, anchor_offset)
     else:
-        anchor_shapes, anchor_report, anchor_offset = fit_anchors(cfg, datamodule)
-    detector = build_detector(cfg, anchor_shapes, category_map.num_classes, anchor_offset)
+        detector, anchor_report = build_fresh_detector(cfg, datamodule)
     check_monitor(cfg.monitor, detector.head.task)
     module = DetectionModule(
         detector, category_map, str(datamodule.val_annotation_file),

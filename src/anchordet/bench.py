@@ -3,7 +3,9 @@
 ``python -m anchordet.bench [--device cpu|cuda] [--image-size S] [--batch-size B] ...`` prints one
 JSON line per case (median seconds per training step after warm-up, images/s, peak memory) and then
 one line per ratio, plus a small table on stderr. ``python -m anchordet.bench infer ...`` is the
-inference benchmark instead (eager, TorchScript, onnxruntime; see `anchordet.bench_infer`).
+inference benchmark instead (eager, TorchScript, onnxruntime; see `anchordet.bench_infer`), and
+``python -m anchordet.bench fit ...`` the fit benchmark (AP50 against steps and seconds, ours beside
+torchvision's detectors on the same images; see `anchordet.bench_fit`).
 
 Every case trains on the same synthetic batch (fixed seed): B random images of S x S pixels and a
 few random ground-truth boxes (xyxy, input pixels) with labels per image. One training step is
@@ -263,7 +265,8 @@ def ratio_records(case_records: list[dict]) -> list[dict]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m anchordet.bench", description=__doc__.split("\n")[0],
-                                     epilog="python -m anchordet.bench infer --help: the inference benchmark")
+                                     epilog="python -m anchordet.bench infer --help: the inference benchmark; "
+                                            "python -m anchordet.bench fit --help: the fit benchmark")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--image-size", type=int, help="S; default 640 on cuda, 256 on cpu")
     parser.add_argument("--batch-size", type=int, help="B; default 16 on cuda, 2 on cpu")
@@ -349,9 +352,14 @@ def write_records(records: list[dict], out: Path | None) -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["infer"]:  # the inference benchmark, a module of its own
+    # The inference and fit benchmarks are modules of their own.
+    if sys.argv[1:2] == ["infer"]:
         from anchordet.bench_infer import main as infer_main
 
         infer_main(sys.argv[2:])
+    elif sys.argv[1:2] == ["fit"]:
+        from anchordet.bench_fit import main as fit_main
+
+        fit_main(sys.argv[2:])
     else:
         main()

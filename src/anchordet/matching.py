@@ -189,10 +189,12 @@ class YoloMatcher:
 # IoU-threshold matching and balanced sampling (Faster R-CNN RPN: Ren et al., "Faster R-CNN", 2015)
 # ---------------------------------------------------------------------------------------------------
 
-# IoU values computed at once: [B, n, M] blocks of at most this many floats (256 MB in fp32). A
+# IoU values computed at once: [B, n, M] blocks of at most this many floats (64 MB in fp32). A
 # crowd dataset at 640 px (500 objects per image, 102k RPN anchors, batch 16) would otherwise build
-# a 3.3 GB matrix, and as much again in the masks derived from it.
-MAX_IOU_ELEMENTS = 1 << 26
+# a 3.3 GB matrix, and torchvision's box_iou holds about ten times its result in intermediates
+# (corners and sizes [B, n, M, 2], the masks): measured, one matrix of 500 objects ran out of 24 GB,
+# and 2^26-element blocks still peaked at 2.6 GB (scripts/bench_match_memory.py, docs/benchmarks.md).
+MAX_IOU_ELEMENTS = 1 << 24
 
 IouBlocks = Callable[[], Iterator[tuple[slice, Tensor]]]
 

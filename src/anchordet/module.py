@@ -74,6 +74,18 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ste
     return LambdaLR(optimizer, lr_factor)
 
 
+def decay_parameter_groups(model: nn.Module) -> list[dict]:
+    """Weight decay on conv/linear weights only: decaying norm scales and biases pulls them to 0
+    and hurts detectors (the bag-of-tricks result, He et al. 2019), so they get none. The first
+    group takes the optimizer's own ``weight_decay``."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim <= 1 or name.endswith(".bias") else decay).append(param)
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
 class DetectionModule(L.LightningModule):
     """Trains a `Detector`; validates with COCOeval on the val annotation file.
 
@@ -202,15 +214,7 @@ class DetectionModule(L.LightningModule):
 
     # ---------------------------------------------------------------- optimisation
     def parameter_groups(self) -> list[dict]:
-        """Weight decay on conv/linear weights only: decaying norm scales and biases pulls them to 0
-        and hurts detectors (the bag-of-tricks result, He et al. 2019), so they get none. The first
-        group takes the optimizer's own ``weight_decay``."""
-        decay, no_decay = [], []
-        for name, param in self.named_parameters():
-            if not param.requires_grad:
-                continue
-            (no_decay if param.ndim <= 1 or name.endswith(".bias") else decay).append(param)
-        return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return decay_parameter_groups(self)
 
     def configure_optimizers(self):
         if self.optimizer_factory is None:

@@ -208,3 +208,31 @@ def precision_recall_figure(
                            top=1 - 0.55 / figure.get_figheight(), wspace=0.08, hspace=0.08)
     figure.suptitle("precision (y) vs recall (x) per class; IoU 0.5, area all, maxDets 100", fontsize=10)
     return figure_to_image(figure)
+
+
+# ---------------------------------------------------------------------------- benchmarks
+def fit_curves_figure(rows: Sequence[dict]):
+    """The fit benchmark's picture: each model's headline metric (AP50 for detectors, AR@1000 for
+    proposal models, dashed) against optimiser step and against training seconds, all models on the
+    same two axes. `rows` are `anchordet.bench_fit`'s records; headers and diverged marks are skipped."""
+    figure = new_figure(11, 4.2)
+    by_step, by_time = figure.subplots(1, 2, sharey=True)
+    models = list(dict.fromkeys(row["model"] for row in rows))
+    for index, model in enumerate(models):
+        marks = [row for row in rows if row["model"] == model and "step" in row and not row.get("diverged")]
+        metric = "AP50" if marks and "AP50" in marks[0] else "AR@1000"
+        if not marks:
+            continue
+        style = {"color": f"C{index % 10}", "marker": "o", "markersize": 3,
+                 "linestyle": "-" if metric == "AP50" else "--", "label": f"{model} ({metric})"}
+        values = [row[metric] for row in marks]
+        by_step.plot([row["step"] for row in marks], values, **style)
+        by_time.plot([row["train_seconds"] for row in marks], values, **style)
+    by_step.set_xlabel("optimiser step")
+    by_time.set_xlabel("training seconds (evaluation excluded)")
+    by_step.set_ylabel("AP50 (detectors) / AR@1000 (proposals)")
+    for axes in (by_step, by_time):
+        axes.grid(alpha=0.3)
+        axes.set_ylim(bottom=0)
+    by_time.legend(fontsize=8, loc="upper left")
+    return figure

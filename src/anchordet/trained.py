@@ -26,7 +26,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from anchordet.app import anchors_from_checkpoint, build_detector, rerun_ranks_in_this_job, user_errors
+from anchordet.app import (CONFIG_DIR, anchors_from_checkpoint, build_detector, rerun_ranks_in_this_job,
+                           user_errors)
 from anchordet.checkpointing import read_checkpoint
 from anchordet.data import CocoDataModule, collate
 from anchordet.data.categories import CategoryMap
@@ -245,8 +246,6 @@ def _export(cfg: DictConfig) -> dict:
 
 
 # ---------------------------------------------------------------------------- module entry points
-# The checkout's conf/: `python -m anchordet.predict` runs from any folder of an editable install.
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
 COMMANDS = {"evaluate": evaluate, "predict": predict, "export": export}
 
 

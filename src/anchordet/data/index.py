@@ -14,14 +14,18 @@ image, and reports every box it clips or drops (`BoxFixes`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import json
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import orjson
 
 from anchordet.data.categories import CategoryMap
 from anchordet.data.transforms import MIN_BOX_SIDE
@@ -54,21 +58,43 @@ class CocoIndex:
     num_dropped: int  # non-crowd boxes left out (negative size, outside the image, degenerate)
 
 
+@contextlib.contextmanager
+def cyclic_gc_paused() -> Iterator[None]:
+    """Pause Python's cycle collector while millions of small objects are made. Each of its passes
+    walks every live object, and parsing train2017's JSON triggers enough of them to take 70 % of
+    the index time (3.5 s of reading against 0.9 s paused, docs/benchmarks.md). Parsed JSON holds
+    no reference cycles, so pausing frees nothing later than it would have been freed anyway."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+@cyclic_gc_paused()
 def read_annotation_file(annotation_file: str | os.PathLike) -> dict:
     """Parse a COCO JSON and check its three sections exist; DatasetError otherwise."""
     path = Path(annotation_file)
     if not path.is_file():
         raise DatasetError(f"annotation file {path} does not exist; point the data config at a COCO "
                            "instances JSON (e.g. <root>/annotations/instances_train2017.json)")
+    raw = path.read_bytes()
     try:
-        with open(path, "rb") as handle:
-            data = json.load(handle)
-    except json.JSONDecodeError as error:
-        raise DatasetError(f"annotation file {path} is not valid JSON (line {error.lineno}, column "
-                           f"{error.colno}: {error.msg}); repair or re-export the file") from None
-    except UnicodeDecodeError as error:
-        raise DatasetError(f"annotation file {path} is not UTF-8 text ({error}); is it really "
-                           "JSON?") from None
+        # orjson: 2.2x faster than the json module on a train2017-sized file (0.81 s against 1.77 s).
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        # Python's json also reads NaN and Infinity (json.dump writes them), which orjson refuses:
+        # such a file then fails later with the annotation id of the bad number, not here.
+        try:
+            data = json.loads(raw)
+        except json.JSONDecodeError as error:
+            raise DatasetError(f"annotation file {path} is not valid JSON (line {error.lineno}, column "
+                               f"{error.colno}: {error.msg}); repair or re-export the file") from None
+        except UnicodeDecodeError as error:
+            raise DatasetError(f"annotation file {path} is not UTF-8 text ({error}); is it really "
+                               "JSON?") from None
     if not isinstance(data, dict):
         raise DatasetError(f"annotation file {path} holds a JSON {type(data).__name__}, not an object "
                            f"with {', '.join(REQUIRED_SECTIONS)}; is it a COCO instances file?")
@@ -80,6 +106,7 @@ def read_annotation_file(annotation_file: str | os.PathLike) -> dict:
     return data
 
 
+@cyclic_gc_paused()
 def build_coco_index(annotation_file: str | os.PathLike, images_dir: str | os.PathLike,
                      strict: bool = False) -> CocoIndex:
     """Validate ``annotation_file`` against ``images_dir`` and build the `CocoIndex`.
