@@ -1,6 +1,6 @@
 """One prepared run of every check that needs a GPU; `scripts/gpu_check.sh` sets up and calls this.
 
-    bash scripts/gpu_check.sh            # on a GPU machine: at most about 8 minutes
+    bash scripts/gpu_check.sh            # on a GPU machine: about 8-10 minutes
     bash scripts/gpu_check.sh --cpu      # the same steps at toy sizes on the CPU (the test suite runs it)
 
 Steps, each in its own process with its own time limit (a step that fails or times out is
@@ -11,7 +11,9 @@ reported and the next one runs):
 2. `python -m anchordet.bench` at 640 px / batch 16 / bf16 beside torchvision, then again compiled;
 3. the training loader's throughput on coco128 with 8 and 16 workers (`scripts/bench_loader.py`);
 4. `train.py trainer=gpu data=coco` for 30 steps on coco128 (val = train): bf16, checkpoints, events;
-5. `train.py trainer=ddp trainer.devices=1` for 20 steps: NCCL and the DDP paths on one GPU.
+5. `train.py trainer=ddp trainer.devices=1` for 20 steps: NCCL and the DDP paths on one GPU;
+6. a 3-minute fit of ours against torchvision RetinaNet on coco128 (`python -m anchordet.bench fit`,
+   640 px, batch 16, bf16, ResNet-50, 300 steps each, 4 evaluation marks).
 
 Writes `gpu_check.jsonl` (one record per step: name, status, seconds, what it measured) and each
 step's log under ``$OUT`` (or ``--out``), and prints one summary table at the end.
@@ -29,6 +31,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 COCO128_CANDIDATES = (REPO / ".data" / "coco128", REPO.parent / "shared" / "data" / "coco128")
+
+
+# The fit step's pair: our default single-stage model and the peer of the issue's reference table.
+FIT_MODELS = "anchordet_yolo_kmeans,torchvision_retinanet"
 
 
 def coco128_root() -> Path | None:
@@ -58,6 +64,10 @@ def steps(cpu: bool, out: Path) -> list[tuple[str, list[str], int]]:
             ("train ddp 1 device", [python, "train.py", *train_size, "trainer=ddp", "trainer.devices=1",
                                     "trainer.accelerator=cpu", *quiet, f"hydra.run.dir={out / 'run_ddp'}"], 300),
         ]
+        fit_data = ["--data", "tiny"] if root is None else ["--data", str(root)]
+        listed.append(("fit", [python, "-m", "anchordet.bench", "fit", *fit_data, "--image-size", "64",
+                               "--batch-size", "2", "--steps", "2", "--marks", "2", "--workers", "0",
+                               "--models", FIT_MODELS, "--out", str(out / "fit")], 300))
         if root is not None:
             listed.insert(2, ("loader", [python, "scripts/bench_loader.py", "--root", str(root), "--workers", "0",
                                          "--epochs", "1", "--image-size", "128", "--batch-size", "8"], 300))
@@ -75,6 +85,9 @@ def steps(cpu: bool, out: Path) -> list[tuple[str, list[str], int]]:
                                 "trainer.max_steps=20", *quiet, "data.num_workers=8",
                                 f"hydra.run.dir={out / 'run_ddp'}"], 120),
     ]
+    fit_data = ["--data", "synthetic"] if root is None else ["--data", str(root)]
+    listed.append(("fit", [python, "-m", "anchordet.bench", "fit", *fit_data, "--steps", "300", "--marks", "4",
+                           "--workers", "8", "--models", FIT_MODELS, "--out", str(out / "fit")], 200))
     if root is not None:
         listed.insert(3, ("loader", [python, "scripts/bench_loader.py", "--root", str(root), "--workers", "8,16"], 90))
     return listed
@@ -112,6 +125,12 @@ def measured(name: str, log: str, out: Path) -> str:
         checkpoints = sorted(p.name for p in (run / "checkpoints").glob("*.ckpt")) if (run / "checkpoints").is_dir() else []
         events = list((run / "tensorboard").glob("events.out.tfevents.*")) if (run / "tensorboard").is_dir() else []
         return f"checkpoints {checkpoints}, {len(events)} event file(s)"
+    if name == "fit":
+        path = out / "fit" / "fit.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+        last = {r["model"]: r for r in rows if "step" in r and "AP50" in r}
+        return "; ".join(f"{m} AP50 {r['AP50']:.3f} at step {r['step']} ({r['train_seconds']:.0f} s)"
+                         for m, r in last.items())
     if name == "gpu tests":
         return (log.strip().splitlines() or [""])[-1]
     return ""

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every check that needs a GPU, in one prepared run (at most about 8 minutes on one H100 / H200):
+# Every check that needs a GPU, in one prepared run (about 8-10 minutes on one H100 / H200):
 #   bash scripts/gpu_check.sh          on a GPU machine; JSON lines and logs under $OUT (or ./gpu_check_out)
 #   bash scripts/gpu_check.sh --cpu    the same steps at toy sizes on the CPU (tests/test_gpu_check.py)
 # On a machine whose Python has torch, torchvision and lightning but not the rest (the lent GPU

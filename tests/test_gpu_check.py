@@ -16,11 +16,13 @@ def test_gpu_check_cpu_mode_runs_every_step(tmp_path):
                             capture_output=True, text=True, timeout=900)
     records = [json.loads(line) for line in (tmp_path / "gpu_check.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in records]
-    assert steps[:2] == ["gpu tests", "bench"] and steps[-2:] == ["train 1 device", "train ddp 1 device"]
+    assert steps[:2] == ["gpu tests", "bench"] and steps[-3:] == ["train 1 device", "train ddp 1 device", "fit"]
     assert all(r["status"] == "ok" for r in records), result.stdout[-3000:]
     assert result.returncode == 0
     bench = next(r for r in records if r["step"] == "bench")
     assert "anchordet_yolo_r50" in bench["measured"] and "x" in bench["measured"]
     assert "last.ckpt" in next(r for r in records if r["step"] == "train 1 device")["measured"]
+    fit = next(r for r in records if r["step"] == "fit")["measured"]
+    assert "anchordet_yolo_kmeans AP50" in fit and "torchvision_retinanet AP50" in fit
     assert "skipped" in records[0]["measured"]  # no CUDA here: the gpu tests skip, with their reason
     assert "step" in result.stdout.splitlines()[-len(records) - 1]  # the summary table's header

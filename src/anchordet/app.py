@@ -16,7 +16,6 @@ and the library's plain-argument classes lives here (commands on a trained check
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import re
 import sys

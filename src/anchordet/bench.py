@@ -284,10 +284,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true", help="torch.compile every model (inductor)")
     parser.add_argument("--out", type=Path, help="also write the JSON lines to this file")
     args = parser.parse_args(argv)
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is visible to torch; use --device cpu")
+    args.device = resolve_device(parser, args.device)
     on_cuda = args.device == "cuda"
     args.image_size = args.image_size or (640 if on_cuda else 256)
     args.batch_size = args.batch_size or (16 if on_cuda else 2)
@@ -296,13 +293,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.precision = "bf16" if on_cuda else "fp32"
     if args.channels_last is None:
         args.channels_last = on_cuda
-    args.cases = [name.strip() for name in args.cases.split(",") if name.strip()]
-    unknown = [name for name in args.cases if name not in BENCHMARK_CASES]
-    if unknown or not args.cases:
-        parser.error(f"--cases: unknown or empty {unknown}; choose from {list(BENCHMARK_CASES)}")
+    args.cases = chosen_names(parser, "--cases", args.cases, BENCHMARK_CASES)
     if min(args.image_size, args.batch_size, args.iters, args.boxes_per_image) < 1 or args.warmup < 0:
         parser.error("--image-size, --batch-size, --iters and --boxes-per-image must be >= 1, --warmup >= 0")
     return args
+
+
+def resolve_device(parser: argparse.ArgumentParser, device: str) -> str:
+    """``--device auto|cpu|cuda`` -> "cpu" or "cuda"; a parser error when CUDA is asked for and absent."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible to torch; use --device cpu")
+    return device
+
+
+def chosen_names(parser: argparse.ArgumentParser, option: str, value: str, registry: dict) -> list[str]:
+    """A comma-separated list of registered names; a parser error naming the known ones otherwise."""
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    unknown = [name for name in names if name not in registry]
+    if unknown or not names:
+        parser.error(f"{option}: unknown or empty {unknown}; choose from {list(registry)}")
+    return names
 
 
 def print_table(records: list[dict]) -> None:

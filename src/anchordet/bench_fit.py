@@ -38,6 +38,7 @@ import torch
 import torchvision
 
 from anchordet.app import compose_train_config, optimisation_recipe
+from anchordet.bench import chosen_names, resolve_device
 from anchordet.bench_fit_models import FIT_MODELS, FitModel, FitSetup, shared_datamodule
 from anchordet.data.transforms import to_original_frame
 from anchordet.evaluation import BACKENDS, evaluate_detections, evaluate_proposals, to_coco_results
@@ -176,18 +177,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="extra Hydra override for ours, e.g. --override head.box_weight=2 (repeatable)")
     parser.add_argument("--out", type=Path, default=Path("outputs/bench_fit"), help="folder for fit.jsonl and fit.png")
     args = parser.parse_args(argv)
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is visible to torch; use --device cpu")
+    args.device = resolve_device(parser, args.device)
     size, batch, depth, steps = DEVICE_DEFAULTS[args.device]
     args.image_size, args.batch_size = args.image_size or size, args.batch_size or batch
     args.depth, args.steps = args.depth or depth, args.steps or steps
     args.device, args.bf16 = torch.device(args.device), args.device == "cuda"
-    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
-    unknown = [m for m in args.models if m not in FIT_MODELS]
-    if unknown or not args.models:
-        parser.error(f"--models: unknown or empty {unknown}; choose from {list(FIT_MODELS)}")
+    args.models = chosen_names(parser, "--models", args.models, FIT_MODELS)
     if min(args.steps, args.image_size, args.batch_size) < 1 or args.workers < 0:
         parser.error("--steps, --image-size and --batch-size must be >= 1, --workers >= 0")
     try:

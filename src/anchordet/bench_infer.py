@@ -39,7 +39,7 @@ import torch
 import torchvision
 from torch import Tensor
 
-from anchordet.bench import BENCHMARK_CASES, SEED, emit, make_batch, run_cases, write_records
+from anchordet.bench import BENCHMARK_CASES, SEED, chosen_names, emit, make_batch, run_cases, write_records
 from anchordet.export import ExportedDetector, onnx_session, write_exported
 
 REFERENCE = "torchvision_retinanet_r50_eager"
@@ -117,10 +117,7 @@ def parse_infer_args(argv: list[str]) -> argparse.Namespace:
                         help=f"comma-separated subset of {','.join(INFER_CASES)}")
     parser.add_argument("--out", type=Path, help="also write the JSON lines to this file")
     args = parser.parse_args(argv)
-    args.cases = [name.strip() for name in args.cases.split(",") if name.strip()]
-    unknown = [name for name in args.cases if name not in INFER_CASES]
-    if unknown or not args.cases:
-        parser.error(f"--cases: unknown or empty {unknown}; choose from {list(INFER_CASES)}")
+    args.cases = chosen_names(parser, "--cases", args.cases, INFER_CASES)
     if min(args.image_size, args.batch_size, args.iters) < 1 or args.warmup < 0:
         parser.error("--image-size, --batch-size and --iters must be >= 1, --warmup >= 0")
     return args

@@ -99,3 +99,11 @@ def test_anchor_grid_two_levels_and_an_empty_level():
     assert grid.shape_first_anchor[1] + (1 * 3 + 1) * grid.shape_per_cell[1] == 9
     with pytest.raises(ValueError, match="one entry per level"):
         AnchorGrid.build(shapes_per_level, strides[:2], grid_sizes, (16, 24))
+
+
+def test_hand_given_sizes_must_grow_from_fine_to_coarse_levels():
+    GridAnchors([[32, 40], [40, 81], [128]])  # touching levels are fine
+    with pytest.raises(ValueError, match=r"level 1 has sizes \[16.0\], smaller than level 0's \[32.0\]"):
+        GridAnchors([[32], [16], [128]])
+    with pytest.raises(ValueError, match="not ordered by level"):
+        GridAnchors([[32, 300], [64, 128]])  # level 0 reaches further than level 1

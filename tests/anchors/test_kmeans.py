@@ -5,6 +5,8 @@ import pytest
 import torch
 
 import anchordet.anchors.kmeans as kmeans_module
+from anchordet.anchors.grid import grid_anchor_shapes
+from anchordet.anchors.kmeans import kmeans_beats_baseline
 from anchordet.anchors import (
     KMeansAnchors,
     best_shape_iou,
@@ -182,3 +184,33 @@ def test_k_none_means_k_per_level_times_the_levels_and_explicit_k_wins(tmp_path)
     assert [len(s) for s in single] == [0, 0, 6]
     with pytest.raises(ValueError, match="anchor.k_per_level"):
         KMeansAnchors(k=None, k_per_level=None)
+
+
+def test_the_guard_keeps_the_baseline_grid_when_kmeans_fits_worse(caplog):
+    # Every box is one of the baseline's own shapes (32 px at ratios 0.5 / 1 / 2): the grid fits them
+    # exactly (mean best IoU 1), while k = 1 can only sit between them.
+    grid_wh = grid_anchor_shapes([[32.0]], [0.5, 1.0, 2.0])[0]
+    box_wh = grid_wh.repeat(50, 1)
+    builder = KMeansAnchors(k=1, k_per_level=None, baseline_sizes_per_level=[[32.0]])
+    with caplog.at_level(logging.WARNING, logger="anchordet.anchors"):
+        shapes, report = builder.build(box_wh, num_levels=1)
+    assert report["grid"]["mean_best_iou"] == pytest.approx(1.0)
+    assert report["kmeans"]["mean_best_iou"] < 1.0
+    assert report["chosen"] == "grid" and "anchor.keep_baseline_if_better=false" in report["note"]
+    assert torch.equal(shapes[0], grid_wh)
+    assert "do not beat the baseline grid" in caplog.text
+
+    kept, kept_report = KMeansAnchors(k=1, k_per_level=None, baseline_sizes_per_level=[[32.0]],
+                                      keep_baseline_if_better=False).build(box_wh, num_levels=1)
+    assert kept_report["chosen"] == "kmeans" and kept[0].shape == (1, 2)
+
+
+def test_the_guard_rule_on_hand_made_reports():
+    def report(km_iou, km_recall, grid_iou, grid_recall):
+        return {"kmeans": {"mean_best_iou": km_iou, "best_possible_recall": km_recall},
+                "grid": {"mean_best_iou": grid_iou, "best_possible_recall": grid_recall}}
+
+    assert kmeans_beats_baseline(report(0.66, 0.99, 0.55, 0.99))
+    assert kmeans_beats_baseline(report(0.66, 0.985, 0.55, 0.99))  # within the recall tolerance
+    assert not kmeans_beats_baseline(report(0.66, 0.97, 0.55, 0.99))  # a real recall loss
+    assert not kmeans_beats_baseline(report(0.55, 1.0, 0.55, 0.9))  # no gain in mean best IoU

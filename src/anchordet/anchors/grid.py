@@ -45,6 +45,20 @@ def grid_anchor_shapes(sizes_per_level: Sequence, aspect_ratios: Sequence[float]
     return shapes_per_level
 
 
+def check_sizes_ordered_by_level(sizes_per_level: list[list[float]]) -> None:
+    """Levels run from fine to coarse (P3, P4, ... strides 8, 16, ...), so their anchor sizes must grow
+    with them: a large anchor on a fine level is placed at many cells it cannot tell apart and a small
+    one on a coarse level at too few to reach its objects. Each level's smallest and largest sizes must
+    be at least those of the level before."""
+    for level in range(1, len(sizes_per_level)):
+        before, here = sizes_per_level[level - 1], sizes_per_level[level]
+        if min(here) < min(before) or max(here) < max(before):
+            raise ValueError(
+                f"anchor.sizes_per_level is not ordered by level: level {level} has sizes {here}, smaller than "
+                f"level {level - 1}'s {before}. The first list is for the finest level (the backbone's first, "
+                f"e.g. P3 at stride 8), each next one for a level twice as coarse: list them from small to large")
+
+
 class GridAnchors:
     """Anchor config target: fixed sizes per level times aspect ratios.
 
@@ -56,6 +70,7 @@ class GridAnchors:
     def __init__(self, sizes_per_level: Sequence, aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
                  offset: float = 0.5) -> None:
         self.sizes_per_level = _as_size_lists(sizes_per_level)
+        check_sizes_ordered_by_level(self.sizes_per_level)
         self.aspect_ratios = tuple(float(r) for r in aspect_ratios)
         self.offset = float(offset)
 

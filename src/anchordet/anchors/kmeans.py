@@ -207,6 +207,20 @@ def boxes_digest(box_wh: Tensor) -> str:
     return hashlib.blake2b(data, digest_size=8).hexdigest()
 
 
+# Best possible recall k-means may give up against the baseline while still winning on mean best
+# IoU: a point of recall is a few boxes in a thousand, below the run-to-run spread of any training.
+RECALL_TOLERANCE = 0.01
+
+
+def kmeans_beats_baseline(report: dict) -> bool:
+    """The guard of the YOLO tools' auto-anchor check (Ultralytics keeps its default anchors unless
+    new ones fit better): k-means shapes are used when their mean best shape-IoU is higher than the
+    baseline grid's and their best possible recall is not lower by more than `RECALL_TOLERANCE`."""
+    kmeans, grid = report["kmeans"], report["grid"]
+    return (kmeans["mean_best_iou"] > grid["mean_best_iou"]
+            and kmeans["best_possible_recall"] >= grid["best_possible_recall"] - RECALL_TOLERANCE)
+
+
 class KMeansAnchors:
     """Anchor config target: k-means shapes split over levels, cached on disk, compared with a grid.
 
@@ -221,6 +235,10 @@ class KMeansAnchors:
     config serves both the single-stage head and the RPN. An explicit ``k`` always wins.
     ``offset`` is where the anchors sit inside their cell when placed (0.5 = the cell centre, as
     YOLO; 0 = the top-left corner, as torchvision and Detectron2).
+    ``keep_baseline_if_better``: when the k-means shapes do not beat the baseline grid on the
+    training boxes (`kmeans_beats_baseline`), train with the grid and say so (a WARNING, and the
+    report's ``chosen`` / ``note``, which TensorBoard's anchors/report shows). Not with
+    ``single_level``, whose one level has no per-level baseline to fall back to.
     """
 
     def __init__(
@@ -235,6 +253,7 @@ class KMeansAnchors:
         k_per_level: int | None = 3,
         offset: float = 0.5,
         max_fit_boxes: int | None = MAX_FIT_BOXES,
+        keep_baseline_if_better: bool = True,
     ) -> None:
         if k is None and (k_per_level is None or int(k_per_level) < 1):
             raise ValueError(
@@ -251,6 +270,7 @@ class KMeansAnchors:
         self.baseline_aspect_ratios = tuple(float(r) for r in baseline_aspect_ratios)
         self.offset = float(offset)
         self.max_fit_boxes = None if max_fit_boxes is None else int(max_fit_boxes)
+        self.keep_baseline_if_better = bool(keep_baseline_if_better)
         if self.max_fit_boxes is not None and self.max_fit_boxes < 1:
             raise ValueError(f"anchor.max_fit_boxes must be a positive integer or null, got {max_fit_boxes}")
 
@@ -314,8 +334,18 @@ class KMeansAnchors:
             **compare_with_grid(box_wh, shapes_per_level, grid_shapes),
             "from_cache": from_cache,
             "cache_file": str(path) if path is not None else None,
+            "chosen": "kmeans",
         }
         self._log_report(shapes_per_level, report)
+        if self.keep_baseline_if_better and not kmeans_beats_baseline(report) and not self.single_level:
+            report["chosen"] = "grid"
+            report["note"] = (
+                f"k-means anchors do not beat the baseline grid on these boxes (mean best IoU "
+                f"{report['kmeans']['mean_best_iou']:.3f} vs {report['grid']['mean_best_iou']:.3f}, best possible "
+                f"recall {report['kmeans']['best_possible_recall']:.3f} vs {report['grid']['best_possible_recall']:.3f}): "
+                "training with the baseline grid anchors instead (anchor.keep_baseline_if_better=false keeps k-means)")
+            logger.warning("%s", report["note"])
+            return grid_shapes, report
         return shapes_per_level, report
 
     def _log_report(self, shapes_per_level: list[Tensor], report: dict) -> None:
