@@ -56,6 +56,20 @@ def test_every_model_is_trained_evaluated_at_each_mark_and_plotted(in_tmp, capsy
         assert picture.format == "PNG" and picture.size[0] > picture.size[1] > 200
 
 
+def test_the_summary_table_has_a_cell_per_model_and_mark():
+    rows = [{"model": "a", "task": "detections"},
+            {"model": "a", "step": 5, "train_seconds": 1.0, "AP50": 0.25},
+            {"model": "a", "step": 10, "train_seconds": 2.4, "AP50": 0.5},
+            {"model": "r", "step": 5, "train_seconds": 3.0, "AR@1000": 0.125},
+            {"model": "r", "step": 10, "train_seconds": 6.0, "loss": float("nan"), "diverged": True}]
+    assert bench_fit.summary_table(rows).splitlines() == [
+        "| model | metric | step 5 | step 10 |",
+        "|---|---|---|---|",
+        "| a | AP50 | 0.250 (1 s) | 0.500 (2 s) |",
+        "| r | AR@1000 | 0.125 (3 s) | diverged |",
+    ]
+
+
 def test_every_model_sees_the_same_batches_and_each_epoch_a_new_order(in_tmp):
     overrides = bench_fit.data_overrides("tiny", 64, 4, 0)
     datamodule = shared_datamodule(overrides, in_tmp / "data")

@@ -154,6 +154,21 @@ def fit(name: str, setup: FitSetup, recipe: dict, args) -> list[dict]:
     return rows
 
 
+def summary_table(rows: list[dict]) -> str:
+    """A markdown table: one row per model, one column per mark, each cell the headline metric
+    (AP50, or AR@1000 for proposal models) and the training seconds it took to get there."""
+    marks = sorted({row["step"] for row in rows if "step" in row})
+    lines = ["| model | metric | " + " | ".join(f"step {m}" for m in marks) + " |",
+             "|---|---|" + "---|" * len(marks)]
+    for model in dict.fromkeys(row["model"] for row in rows):
+        by_step = {row["step"]: row for row in rows if row["model"] == model and "step" in row}
+        metric = "AP50" if any("AP50" in row for row in by_step.values()) else "AR@1000"
+        cells = [f"{by_step[m][metric]:.3f} ({by_step[m]['train_seconds']:.0f} s)" if metric in by_step.get(m, {})
+                 else ("diverged" if by_step.get(m, {}).get("diverged") else "-") for m in marks]
+        lines.append(f"| {model} | {metric} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def emit(record: dict) -> dict:
     print(json.dumps(record), flush=True)
     return record
@@ -224,5 +239,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from anchordet.plots import fit_curves_figure
 
     fit_curves_figure(rows).savefig(args.out / "fit.png")
+    print(summary_table(rows), file=sys.stderr)
     print(f"# wrote {args.out / 'fit.jsonl'} and {args.out / 'fit.png'}", file=sys.stderr)
     return rows

@@ -234,5 +234,9 @@ def fit_curves_figure(rows: Sequence[dict]):
     for axes in (by_step, by_time):
         axes.grid(alpha=0.3)
         axes.set_ylim(bottom=0)
-    by_time.legend(fontsize=8, loc="upper left")
+    by_time.legend(fontsize=8, loc="best")
+    setup = next((row["setup"] for row in rows if "setup" in row), None)
+    if setup:
+        figure.suptitle(f"fit benchmark: {setup['data']}, {setup['image_size']} px, batch {setup['batch_size']}, "
+                        f"ResNet-{setup['depth']}, {setup['precision']} on {setup['device']}", fontsize=10)
     return figure
